@@ -1,0 +1,1 @@
+"""Subcommands of the ``deltakern`` command line (see deltakern/cli.py)."""

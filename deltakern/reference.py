@@ -1,0 +1,65 @@
+"""Plain eager PyTorch implementation of SPEC.md §2: the oracle and the fallback backend.
+
+Rows are processed in chunks so that memory stays O(chunk·K): each chunk's logits are
+computed with one matmul, reduced to the top-c state (stable sort: ties go to the lower class
+index) and the log-sum-exp of the remaining logits, then discarded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits held at once (16 MB in float32)
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half inputs accumulate in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def prepare(t: torch.Tensor, dtype: torch.dtype, normalize: bool) -> torch.Tensor:
+    """Upcast rows (a new tensor) and scale them to unit L2 norm when asked."""
+    t = t.to(dtype)
+    if normalize:
+        t = t / torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    return t
+
+
+def chunk_rows(k: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Rows per chunk so that a chunk's logits hold about ``chunk_elements`` values."""
+    return max(1, chunk_elements // max(k, 1))
+
+
+def logits_chunk(x: torch.Tensor, w_hat: torch.Tensor, temperature: float, normalize: bool) -> torch.Tensor:
+    """Cosine (or dot-product) logits of a chunk of rows against prepared class rows."""
+    return prepare(x, w_hat.dtype, normalize) @ w_hat.T / temperature
+
+
+def score_state(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    temperature: float,
+    c: int,
+    normalize: bool,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-c logits [N, c], their indices [N, c] and the outside log-sum-exp [N]."""
+    acc = accumulation_dtype(X, W)
+    w_hat = prepare(W, acc, normalize)
+    n, k = X.shape[0], W.shape[0]
+    values = torch.empty((n, c), dtype=acc, device=X.device)
+    indices = torch.empty((n, c), dtype=torch.int64, device=X.device)
+    outside = torch.empty((n,), dtype=acc, device=X.device)
+    step = chunk_rows(k, chunk_elements)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        logits = logits_chunk(X[rows], w_hat, temperature, normalize)
+        top_v, top_i = torch.sort(logits, dim=1, descending=True, stable=True)
+        values[rows] = top_v[:, :c]
+        indices[rows] = top_i[:, :c]
+        rest = logits.scatter(1, top_i[:, :c], -math.inf)
+        outside[rows] = torch.logsumexp(rest, dim=1)
+    return values, indices, outside

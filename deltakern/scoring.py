@@ -1,0 +1,150 @@
+"""Public scoring functions (SPEC.md §3): validation, backend choice, the ``Scores`` result."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _ext, _ops, reference
+from ._validation import (
+    check_bool,
+    check_choice,
+    check_embeddings,
+    check_finite_number,
+    check_int_range,
+    check_pair,
+    check_positive,
+)
+from .kernels import triton_status
+from .state import Scores, derive_scores
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+MODES = ("separate", "joint")
+TRITON_MAX_C = 16  # the Triton kernel keeps the top-c list in registers
+
+
+def backend_status(device: torch.device | str) -> dict[str, str | None]:
+    """``{backend: None if usable on device else the reason it is not}`` (auto excluded)."""
+    device = torch.device(device)
+    status: dict[str, str | None] = {"triton": triton_status(device)}
+    if not _ext.available():
+        status["cpp"] = f"the compiled extension is not loaded ({_ext.unavailable_reason()})"
+    elif device.type != "cpu":
+        status["cpp"] = "the C++ scoring kernel runs on CPU tensors (CUDA uses the Triton kernel)"
+    elif not _ops.has_kernel("fused_score_state", "CPU"):
+        status["cpp"] = "the extension has no CPU kernel for fused_score_state"
+    else:
+        status["cpp"] = None
+    status["reference"] = None
+    return status
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends usable for tensors on ``device``, in the order ``auto`` prefers them."""
+    return [name for name, reason in backend_status(device).items() if reason is None]
+
+
+def resolve_backend(backend: str, device: torch.device | str, c: int = 1) -> str:
+    """The concrete backend ``backend`` means for ``device``; raises naming the usable ones."""
+    check_choice("backend", backend, BACKENDS)
+    device = torch.device(device)
+    status = backend_status(device)
+    usable = [name for name, reason in status.items() if reason is None]
+    if backend == "auto":
+        chosen = usable[0]
+        # Interpreted Triton is a test vehicle, never the automatic choice on CPU.
+        if chosen == "triton" and device.type == "cpu":
+            chosen = usable[1]
+    elif status[backend] is not None:
+        raise ValueError(
+            f"backend={backend!r} is not available for {device.type} tensors: {status[backend]}; "
+            f"available: {', '.join(repr(b) for b in usable)}"
+        )
+    else:
+        chosen = backend
+    if chosen == "triton" and c > TRITON_MAX_C:
+        warnings.warn(
+            f"c={c} exceeds the Triton kernel's limit of {TRITON_MAX_C}; using the reference backend",
+            stacklevel=3,
+        )
+        chosen = "reference"
+    return chosen
+
+
+def _state(X, W, *, temperature, c, normalize, backend, allow_tf32):
+    if backend == "cpp":
+        return _ops.fused_score_state(X, W, 1.0 / temperature, c, normalize)
+    if backend == "triton":
+        from .kernels import fused_score  # lazy: imports triton
+
+        return fused_score.fused_score_state(
+            X, W, inv_temp=1.0 / temperature, c=c, normalize=normalize, allow_tf32=allow_tf32
+        )
+    return reference.score_state(X, W, temperature=temperature, c=c, normalize=normalize)
+
+
+def score(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    temperature: float = 0.01,
+    c: int = 1,
+    reset: float = 0.0,
+    mode: str = "separate",
+    normalize: bool = True,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+) -> Scores:
+    """Score image embeddings ``X [N, D]`` against class embeddings ``W [K, D]``.
+
+    Returns a :class:`Scores` with ΔEnergy (its per-rank terms), energy, max-logit, MSP, the
+    predicted class and the top-c logits/indices of every row, all in logit units, higher =
+    in-distribution. ``temperature`` τ scales cosines to logits (0.01 = CLIP's logit scale 100);
+    ``reset`` is the cosine value the top-c logits are reset to; ``mode`` is ``"separate"``
+    (sum of single resets) or ``"joint"`` (reset the top-c together). ``backend`` is
+    ``"auto"``, ``"triton"`` (CUDA), ``"cpp"`` (CPU extension) or ``"reference"``.
+    ``allow_tf32`` lets the Triton kernel use plain TF32 for float32 inputs (faster, less
+    exact; see the README). The [N, K] logits matrix is never stored; inputs are not modified.
+    """
+    normalize = check_bool("normalize", normalize)
+    X = check_embeddings("X", X, normalize=normalize)
+    W = check_embeddings("W", W, normalize=normalize)
+    check_pair(X, W)
+    temperature = check_positive("temperature", temperature)
+    c = check_int_range("c", c, 1, W.shape[0])
+    reset = check_finite_number("reset", reset)
+    mode = check_choice("mode", mode, MODES)
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    chosen = resolve_backend(backend, X.device, c)
+    top_v, top_i, outside = _state(
+        X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
+    )
+    out_dtype = reference.accumulation_dtype(X, W)
+    return derive_scores(top_v, top_i, outside, reset_logit=reset / temperature, mode=mode, out_dtype=out_dtype)
+
+
+def delta_energy(X: torch.Tensor, W: torch.Tensor, **kwargs) -> torch.Tensor:
+    """ΔEnergy per row ``[N]`` (same keyword arguments as :func:`score`)."""
+    return score(X, W, **kwargs).delta_energy
+
+
+def energy(X: torch.Tensor, W: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Energy score ``LSE(logits)`` per row ``[N]`` (same keyword arguments as :func:`score`)."""
+    return score(X, W, **kwargs).energy
+
+
+def max_logit(X: torch.Tensor, W: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Largest logit per row ``[N]`` (same keyword arguments as :func:`score`)."""
+    return score(X, W, **kwargs).max_logit
+
+
+def msp(X: torch.Tensor, W: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Maximum softmax probability at temperature τ per row ``[N]``."""
+    return score(X, W, **kwargs).msp
+
+
+def mcm(X: torch.Tensor, W: torch.Tensor, *, temperature: float = 1.0, **kwargs) -> torch.Tensor:
+    """MCM score (Ming et al. 2022): the maximum softmax probability at its own temperature
+    ``T`` (default 1.0) of the cosine similarities, per row ``[N]``."""
+    return score(X, W, temperature=temperature, **kwargs).msp

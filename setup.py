@@ -1,0 +1,103 @@
+"""Build of deltakern and its compiled extension ``deltakern._C``.
+
+The extension is compiled against the torch that is *installed* in the environment, so install
+with ``pip install --no-build-isolation -e .`` (an isolated build would fetch another torch and
+produce a library that does not load).
+
+Environment switches:
+  DELTAKERN_BUILD_CPP=0   pure-Python install (the reference backend only).
+  DELTAKERN_BUILD_CUDA=0  skip the CUDA sources even when a toolkit is present.
+  FORCE_CUDA=1            fail loudly when the CUDA sources cannot be compiled.
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (torch's own variable). When unset
+                          and no GPU is visible, "8.0;9.0+PTX" (A100, H100/H200) is used.
+  MAX_JOBS                parallel compile jobs (torch's own variable).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _sources(pattern: str) -> list[str]:
+    # Relative paths keep the build reproducible from any checkout location.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if not _flag("DELTAKERN_BUILD_CPP", "1"):
+        print("deltakern: DELTAKERN_BUILD_CPP=0, installing without the compiled extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:  # pragma: no cover - a build-environment problem
+        raise RuntimeError(
+            "deltakern's extension builds against the installed torch; install torch first and "
+            "use `pip install --no-build-isolation .` (or set DELTAKERN_BUILD_CPP=0)"
+        ) from exc
+
+    force_cuda = _flag("FORCE_CUDA", "0")
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    want_cuda = _flag("DELTAKERN_BUILD_CUDA", "1") and bool(cuda_sources)
+    cuda_reason = None
+    if not torch.version.cuda:
+        cuda_reason = "the installed torch is a CPU-only build"
+    elif cpp_extension.CUDA_HOME is None:
+        cuda_reason = "no CUDA toolkit (nvcc) was found; set CUDA_HOME"
+    elif not want_cuda:
+        cuda_reason = "DELTAKERN_BUILD_CUDA=0" if cuda_sources else "no CUDA sources"
+    if cuda_reason and force_cuda:
+        raise RuntimeError(f"FORCE_CUDA=1 but the CUDA kernels cannot be built: {cuda_reason}")
+    with_cuda = cuda_reason is None
+
+    torch_version = torch.__version__.split("+")[0]
+    define_version = f'-DDELTAKERN_TORCH_VERSION="{torch_version}"'
+    # The C++ standard is left to torch (C++17 up to 2.x, C++20 for newer releases).
+    cxx_flags = ["-O3", "-fopenmp", define_version]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    kwargs = dict(
+        name="deltakern._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            visible = False
+            try:
+                visible = torch.cuda.is_available()
+            except Exception:  # noqa: BLE001 - a broken driver means "no GPU" here
+                visible = False
+            if not visible:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+                print(f"deltakern: no GPU visible, compiling CUDA for {DEFAULT_ARCH_LIST}")
+        ext = cpp_extension.CUDAExtension(
+            sources=sources + cuda_sources,
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DDELTAKERN_WITH_CUDA"],
+                "nvcc": ["-O3", "-lineinfo", "-DDELTAKERN_WITH_CUDA", define_version],
+            },
+            **kwargs,
+        )
+    else:
+        if cuda_reason and cuda_sources:
+            print(f"deltakern: building CPU kernels only ({cuda_reason})")
+        ext = cpp_extension.CppExtension(
+            sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs
+        )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
