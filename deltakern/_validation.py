@@ -19,8 +19,8 @@ def check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_embeddings(name: str, t: object, *, normalize: bool) -> torch.Tensor:
-    """A 2-D, non-empty, finite floating matrix; with ``normalize`` no zero-norm rows."""
+def check_matrix(name: str, t: object) -> torch.Tensor:
+    """A 2-D, non-empty floating tensor (structure only: cheap, no pass over the values)."""
     t = check_tensor(name, t)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, D], got shape {tuple(t.shape)}")
@@ -31,6 +31,11 @@ def check_embeddings(name: str, t: object, *, normalize: bool) -> torch.Tensor:
         )
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_values(name: str, t: torch.Tensor, *, normalize: bool) -> torch.Tensor:
+    """Finite values; with ``normalize`` no zero-norm rows."""
     # One pass over the rows: a row norm is finite exactly when the row is finite (or its norm
     # overflows, told apart below), and it also finds zero rows. One host sync per call.
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -49,6 +54,19 @@ def check_embeddings(name: str, t: object, *, normalize: bool) -> torch.Tensor:
                 f"{name} has a zero-norm row (row {row}); rows must be non-zero when normalize=True"
             )
     return t
+
+
+def check_embeddings(name: str, t: object, *, normalize: bool) -> torch.Tensor:
+    """:func:`check_matrix` then :func:`check_values`."""
+    return check_values(name, check_matrix(name, t), normalize=normalize)
+
+
+def check_inputs(X: object, W: object, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate an (X, W) pair: structure of both, then their agreement, then the values."""
+    X = check_matrix("X", X)
+    W = check_matrix("W", W)
+    check_pair(X, W)
+    return check_values("X", X, normalize=normalize), check_values("W", W, normalize=normalize)
 
 
 def check_pair(X: torch.Tensor, W: torch.Tensor) -> None:

@@ -10,10 +10,9 @@ from . import _ext, _ops, reference
 from ._validation import (
     check_bool,
     check_choice,
-    check_embeddings,
     check_finite_number,
+    check_inputs,
     check_int_range,
-    check_pair,
     check_positive,
 )
 from .kernels import triton_status
@@ -84,6 +83,43 @@ def _state(X, W, *, temperature, c, normalize, backend, allow_tf32):
     return reference.score_state(X, W, temperature=temperature, c=c, normalize=normalize)
 
 
+def score_modes(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    modes: tuple[str, ...] = MODES,
+    temperature: float = 0.01,
+    c: int = 1,
+    reset: float = 0.0,
+    normalize: bool = True,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+) -> dict[str, Scores]:
+    """Like :func:`score`, for several ΔEnergy modes from ONE pass over the data.
+
+    Both modes derive from the same per-row top-c state, so ``{"separate": ..., "joint": ...}``
+    costs one kernel launch. Returns ``{mode: Scores}`` in the order of ``modes``.
+    """
+    normalize = check_bool("normalize", normalize)
+    X, W = check_inputs(X, W, normalize=normalize)
+    temperature = check_positive("temperature", temperature)
+    c = check_int_range("c", c, 1, W.shape[0])
+    reset = check_finite_number("reset", reset)
+    if isinstance(modes, str) or not modes:
+        raise ValueError(f"modes must be a non-empty tuple of {MODES}, got {modes!r}")
+    modes = tuple(check_choice("mode", m, MODES) for m in modes)
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    chosen = resolve_backend(backend, X.device, c)
+    top_v, top_i, outside = _state(
+        X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
+    )
+    out_dtype = reference.accumulation_dtype(X, W)
+    return {
+        m: derive_scores(top_v, top_i, outside, reset_logit=reset / temperature, mode=m, out_dtype=out_dtype)
+        for m in modes
+    }
+
+
 def score(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -107,21 +143,11 @@ def score(
     ``allow_tf32`` lets the Triton kernel use plain TF32 for float32 inputs (faster, less
     exact; see the README). The [N, K] logits matrix is never stored; inputs are not modified.
     """
-    normalize = check_bool("normalize", normalize)
-    X = check_embeddings("X", X, normalize=normalize)
-    W = check_embeddings("W", W, normalize=normalize)
-    check_pair(X, W)
-    temperature = check_positive("temperature", temperature)
-    c = check_int_range("c", c, 1, W.shape[0])
-    reset = check_finite_number("reset", reset)
-    mode = check_choice("mode", mode, MODES)
-    allow_tf32 = check_bool("allow_tf32", allow_tf32)
-    chosen = resolve_backend(backend, X.device, c)
-    top_v, top_i, outside = _state(
-        X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
-    )
-    out_dtype = reference.accumulation_dtype(X, W)
-    return derive_scores(top_v, top_i, outside, reset_logit=reset / temperature, mode=mode, out_dtype=out_dtype)
+    check_choice("mode", mode, MODES)
+    return score_modes(
+        X, W, modes=(mode,), temperature=temperature, c=c, reset=reset, normalize=normalize,
+        backend=backend, allow_tf32=allow_tf32,
+    )[mode]
 
 
 def delta_energy(X: torch.Tensor, W: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Every bad input of SPEC.md §6 for the scoring API raises the right type naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import deltakern as dk
+
+
+def good():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(5, 8, generator=g), torch.randn(4, 8, generator=g)
+
+
+def with_value(t: torch.Tensor, value: float) -> torch.Tensor:
+    t = t.clone()
+    t[1, 2] = value
+    return t
+
+
+X, W = good()
+
+CASES = [
+    # (id, X, W, kwargs, exception, words the message must contain)
+    ("nan in X", with_value(X, math.nan), W, {}, ValueError, ["X", "non-finite"]),
+    ("inf in X", with_value(X, math.inf), W, {}, ValueError, ["X", "non-finite"]),
+    ("-inf in W", X, with_value(W, -math.inf), {}, ValueError, ["W", "non-finite"]),
+    ("zero row in X", torch.cat([X, torch.zeros(1, 8)]), W, {}, ValueError, ["X", "zero-norm", "row 5"]),
+    ("zero row in W", X, torch.cat([torch.zeros(1, 8), W]), {}, ValueError, ["W", "zero-norm", "row 0"]),
+    ("D mismatch", X, torch.randn(4, 7), {}, ValueError, ["X.shape[1]=8", "W.shape[1]=7"]),
+    ("X 1-D", X[0], W, {}, ValueError, ["X", "2-D", "(8,)"]),
+    ("W 3-D", X, W[None], {}, ValueError, ["W", "2-D"]),
+    ("N == 0", X[:0], W, {}, ValueError, ["X", "at least one row"]),
+    ("K == 0", X, W[:0], {}, ValueError, ["W", "at least one row"]),
+    ("D == 0", X[:, :0], W[:, :0], {}, ValueError, ["X", "one column"]),
+    ("c < 1", X, W, {"c": 0}, ValueError, ["c", "1 <= c <= 4", "0"]),
+    ("c > K", X, W, {"c": 5}, ValueError, ["c", "<= 4", "5"]),
+    ("c float", X, W, {"c": 1.5}, TypeError, ["c", "int", "float"]),
+    ("temperature 0", X, W, {"temperature": 0.0}, ValueError, ["temperature", "> 0", "0.0"]),
+    ("temperature < 0", X, W, {"temperature": -0.01}, ValueError, ["temperature", "> 0", "-0.01"]),
+    ("temperature nan", X, W, {"temperature": math.nan}, ValueError, ["temperature"]),
+    ("temperature str", X, W, {"temperature": "0.01"}, TypeError, ["temperature", "str"]),
+    ("reset inf", X, W, {"reset": math.inf}, ValueError, ["reset", "finite"]),
+    ("unknown mode", X, W, {"mode": "both"}, ValueError, ["mode", "'separate'", "'joint'", "'both'"]),
+    ("unknown backend", X, W, {"backend": "cuda"}, ValueError, ["backend", "'auto'", "'cuda'"]),
+    ("integer X", X.long(), W, {}, TypeError, ["X", "floating", "torch.int64"]),
+    ("integer W", X, W.int(), {}, TypeError, ["W", "floating", "torch.int32"]),
+    ("X not a tensor", X.tolist(), W, {}, TypeError, ["X", "torch.Tensor", "list"]),
+    ("normalize not bool", X, W, {"normalize": 1}, TypeError, ["normalize", "bool"]),
+    ("different devices", X, W.to("meta"), {}, ValueError, ["same device", "cpu", "meta"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("fn", [dk.score, dk.delta_energy, dk.mcm])
+def test_bad_input_is_rejected_with_a_clear_message(case, fn):
+    _, x, w, kwargs, exc, words = case
+    x_before = x.clone() if isinstance(x, torch.Tensor) and x.device.type == "cpu" else None
+    with pytest.raises(exc) as info:
+        fn(x, w, **kwargs)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} missing from {message!r}"
+    if x_before is not None:
+        assert torch.equal(x, x_before) or bool(torch.isnan(x).any()), "a failed call changed X"
+
+
+def test_zero_rows_are_fine_without_normalisation():
+    x = torch.cat([X, torch.zeros(1, 8)])
+    r = dk.score(x, W, normalize=False, temperature=1.0)
+    # A zero row has all logits 0: energy = log K exactly.
+    assert abs(float(r.energy[-1]) - math.log(4)) < 1e-6
+
+
+def test_unavailable_backend_names_the_available_ones():
+    if "triton" in dk.available_backends("cpu"):
+        pytest.skip("Triton runs on CPU here (TRITON_INTERPRET=1)")
+    with pytest.raises(ValueError) as info:
+        dk.score(X, W, backend="triton")
+    message = str(info.value)
+    assert "backend='triton'" in message and "available:" in message and "'reference'" in message
+
+
+def test_huge_finite_rows_are_refused_not_silently_wrong():
+    x = X.clone()
+    x[0] = 1e30  # finite, but its float32 norm overflows
+    with pytest.raises(ValueError, match="norm overflows"):
+        dk.score(x, W)
