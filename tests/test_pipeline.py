@@ -1,0 +1,312 @@
+"""encode -> score -> parquet: rows, decode errors, agreement with dk.score, resume after a kill,
+refusal of changed arguments, torchrun with two ranks, webdataset input, file lists, --prompts.
+
+Offline and on CPU: the tiny registered open_clip model with random weights (--pretrained none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+pq = pytest.importorskip("pyarrow.parquet")
+
+import deltakern as dk  # noqa: E402
+from deltakern import cli, data, pipeline, zeroshot  # noqa: E402
+from deltakern.clip_models import TINY_MODEL, load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _images import CORRUPT_ID, make_image_folder, make_tar_shards  # noqa: E402
+from oracle import assert_close_contract, assert_indices_match, logits64  # noqa: E402
+
+CLASSES = ["cat", "dog", "bird", "fish", "car", "tree", "boat"]
+SHARD = 8
+FLOAT_COLUMNS = ("delta_energy", "energy", "msp", "max_logit")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    images = root / "images"
+    ids = make_image_folder(images, 50)
+    classes = root / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    return types.SimpleNamespace(root=root, images=images, ids=ids, classes=classes, cache=root / "cache")
+
+
+def common(work, *, workers: int = 0) -> list[str]:
+    return [
+        "--model", TINY_MODEL, "--pretrained", "none", "--shard-size", str(SHARD), "--batch-size", "5",
+        "--workers", str(workers), "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+
+
+def score_args(work, out: Path, *, source: list[str] | None = None, extra: tuple[str, ...] = (), workers: int = 0):
+    source = source or ["--images", str(work.images)]
+    return [
+        "score", *common(work, workers=workers), *source, "--classes", str(work.classes), "--templates", "single",
+        "--c", "2", "--cache-dir", str(work.cache), "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def run_cli(argv: list[str]) -> int:
+    """``deltakern ARGV`` in this process, with only the commands under test registered."""
+    with warnings.catch_warnings(), mock.patch.dict(cli.COMMANDS, {"encode": "encode", "score": "score"}, clear=True):
+        warnings.simplefilter("ignore")  # the random-weights warning
+        return cli.main(argv)
+
+
+def run_subprocess(argv: list[str], env_extra: dict | None = None, timeout: int = 150) -> subprocess.CompletedProcess:
+    # Same thread settings as this process: bitwise equality across processes relies on them.
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def class_matrix(work) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_model(TINY_MODEL, "none")
+    return zeroshot.build_class_embeddings(clip.model, clip.tokenizer, CLASSES, zeroshot.template_preset("single"))
+
+
+def feature_matrix(directory: Path) -> tuple[torch.Tensor, list[str]]:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    parts = [data.read_feature_shard(directory / s["file"]) for s in manifest["shards"]]
+    return torch.cat([p[0] for p in parts]), [i for p in parts for i in p[1]]
+
+
+def assert_rows_match_scores(table, X: torch.Tensor, W: torch.Tensor, c: int = 2) -> None:
+    """The parquet's score columns equal dk.score(X, W) within the SPEC contract."""
+    expected = dk.score(X, W, c=c)
+    rows = table.to_pydict()
+    for name in FLOAT_COLUMNS:
+        assert_close_contract(torch.tensor(rows[name]), getattr(expected, name), torch.float32, name)
+    ell = logits64(X, W, 0.01)
+    assert_indices_match(torch.tensor(rows["topk_indices"]), expected.topk_indices, ell, torch.float32)
+    assert_indices_match(torch.tensor(rows["pred"])[:, None], expected.pred[:, None], ell, torch.float32)
+    assert rows["pred_name"] == [CLASSES[k] for k in rows["pred"]]
+
+
+@pytest.fixture(scope="module")
+def baseline(work):
+    """An uninterrupted single-process score run over the folder (with DataLoader workers)."""
+    out = work.root / "baseline" / "scores.parquet"
+    assert run_cli(score_args(work, out, workers=2)) == 0
+    return out
+
+
+def test_score_folder_rows_errors_and_agreement_with_encode(work, baseline):
+    table = pq.read_table(baseline)
+    assert table.num_rows == 50
+    assert table.column("id").to_pylist() == work.ids  # sorted order, corrupt file skipped
+    manifest = json.loads(baseline.with_suffix(".manifest.json").read_text())
+    assert manifest["rows"] == 50 and manifest["images"] == 51
+    assert [e["id"] for e in manifest["errors"]] == [CORRUPT_ID]
+    assert manifest["errors"][0]["error"] and manifest["errors"][0]["source"].endswith("corrupt.jpg")
+    assert len(manifest["parts"]) == 7  # ceil(51 / 8)
+    assert set(manifest["timing"]) == set(pipeline.TIMING_KEYS)
+    assert manifest["last_run"]["images"] == 51 and manifest["last_run"]["shards_done_now"] == 7
+
+    # encode (float32) then dk.score on those embeddings: the same scores as the streaming run.
+    feats32 = work.root / "features32"
+    assert run_cli(["encode", *common(work), "--images", str(work.images), "--dtype", "float32", "--out", str(feats32)]) == 0
+    X32, ids = feature_matrix(feats32)
+    assert ids == work.ids and X32.dtype == torch.float32
+    enc_manifest = json.loads((feats32 / "manifest.json").read_text())
+    assert enc_manifest["count"] == 50 and [e["id"] for e in enc_manifest["errors"]] == [CORRUPT_ID]
+    torch.testing.assert_close(X32.norm(dim=1), torch.ones(50), rtol=0, atol=1e-5)
+    W = class_matrix(work)
+    assert_rows_match_scores(table, X32, W)
+
+    # the default float16 features, scored with --features: dk.score on exactly those features.
+    feats16 = work.root / "features16"
+    assert run_cli(["encode", *common(work), "--images", str(work.images), "--out", str(feats16)]) == 0
+    X16, _ = feature_matrix(feats16)
+    assert X16.dtype == torch.float16
+    out = work.root / "from_features" / "scores.parquet"
+    assert run_cli(score_args(work, out, source=["--features", str(feats16)])) == 0
+    from_features = pq.read_table(out)
+    assert from_features.column("id").to_pylist() == work.ids
+    assert_rows_match_scores(from_features, X16, W)
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert [e["id"] for e in manifest["errors"]] == [CORRUPT_ID]  # carried over from the encode run
+
+
+def test_killed_run_resumes_to_identical_output(work, baseline):
+    out = work.root / "killed" / "scores.parquet"
+    argv = [sys.executable, "-m", "deltakern.cli", *score_args(work, out)]
+    proc = run_subprocess(argv, {pipeline.FAULT_ENV: "3"})
+    assert proc.returncode == 75, proc.stderr
+    parts = out.with_suffix(".parts")
+    assert sorted(p.name for p in parts.glob("part-*.json")) == [f"part-0000{i}.json" for i in range(3)]
+    assert not out.exists()
+    # What a crash in the middle of writing shard 5 leaves: a temporary file and, at worst, a
+    # partial part without its record. Neither may leak into the result.
+    (parts / ".part-00005.parquet.123.tmp").write_bytes(b"PAR1 partial")
+    (parts / "part-00005.parquet").write_bytes(b"PAR1 partial")
+
+    assert run_cli(score_args(work, out)) == 0
+    assert pq.read_table(out).equals(pq.read_table(baseline))
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["last_run"]["shards_skipped"] == 3 and manifest["last_run"]["shards_done_now"] == 4
+    assert [e["id"] for e in manifest["errors"]] == [CORRUPT_ID]
+
+    # A rerun of a finished run redoes nothing and rewrites the same file.
+    assert run_cli(score_args(work, out)) == 0
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["last_run"]["shards_done_now"] == 0
+    assert pq.read_table(out).equals(pq.read_table(baseline))
+
+
+def test_changed_arguments_are_refused(work, baseline, capsys):
+    capsys.readouterr()
+    assert run_cli(score_args(work, baseline, extra=("--c", "1"))) == 2  # the last --c wins
+    err = capsys.readouterr().err
+    assert "different arguments" in err and "--c: 2 before, 1 now" in err
+
+    templates = work.root / "templates.txt"
+    templates.write_text("a blurry photo of a {}.\n")
+    argv = score_args(work, baseline)
+    argv[argv.index("--templates") + 1] = str(templates)
+    assert run_cli(argv) == 2
+    assert "the prompt templates (--templates) changed" in capsys.readouterr().err
+
+    # New images under the folder change the shard layout: refused too.
+    grown = work.root / "grown"
+    make_image_folder(grown, 9)
+    out = work.root / "grown_out" / "scores.parquet"
+    assert run_cli(score_args(work, out, source=["--images", str(grown)])) == 0
+    make_image_folder(grown / "more", 1, seed=5)
+    assert run_cli(score_args(work, out, source=["--images", str(grown)])) == 2
+    assert "the images of --images changed" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_gives_the_same_rows(work, baseline):
+    out = work.root / "torchrun" / "scores.parquet"
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "deltakern.cli", *score_args(work, out),
+    ]  # fmt: skip
+    proc = run_subprocess(argv, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, multi = pq.read_table(baseline), pq.read_table(out)
+    assert multi.num_rows == 50
+    for name in ("id", "source", "pred", "pred_name", "topk_indices"):
+        assert multi.column(name).to_pylist() == single.column(name).to_pylist(), name
+    for name in FLOAT_COLUMNS:
+        assert_close_contract(
+            torch.tensor(multi.column(name).to_pylist()), torch.tensor(single.column(name).to_pylist()), torch.float32, name
+        )
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["last_run"]["world_size"] == 2 and manifest["last_run"]["shards_done_now"] == 7
+    assert [e["id"] for e in manifest["errors"]] == [CORRUPT_ID]
+    # each rank wrote the shards i % 2 == rank; rank 0 merged them all
+    assert sorted(p["index"] for p in manifest["parts"]) == list(range(7))
+
+
+def test_webdataset_shards_give_the_same_rows_as_the_folder(work, baseline):
+    all_ids = sorted([*work.ids, CORRUPT_ID])
+    pattern = make_tar_shards(work.images, work.root / "tars", all_ids, per_tar=SHARD)
+    out = work.root / "wds" / "scores.parquet"
+    assert run_cli(score_args(work, out, source=["--images", pattern])) == 0
+    folder, wds = pq.read_table(baseline), pq.read_table(out)
+    assert wds.drop_columns(["source"]).equals(folder.drop_columns(["source"]))
+    assert set(wds.column("source").to_pylist()) == {str(p) for p in sorted((work.root / "tars").glob("*.tar"))}
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert [e["id"] for e in manifest["errors"]] == [CORRUPT_ID] and len(manifest["parts"]) == 7
+
+
+def test_file_lists_and_compressed_tars(work, tmp_path):
+    # A text list (relative to the list's folder) and a CSV with ids name the same images.
+    (work.images / "list.txt").write_text("# two images\na/img001.jpg\n\nb/c/img000.png\n")
+    items = data.open_source(str(work.images / "list.txt")).plan(SHARD)[0].list_items()
+    assert [i.id for i in items] == ["a/img001.jpg", "b/c/img000.png"]
+    assert [i.source for i in items] == [str(work.images / "a/img001.jpg"), str(work.images / "b/c/img000.png")]
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text(f"id,path\nfirst,{work.images / 'a/img001.jpg'}\n")
+    (item,) = data.open_source(str(csv_path)).plan(SHARD)[0].list_items()
+    assert item.id == "first" and data.read_image_bytes(item) == (work.images / "a/img001.jpg").read_bytes()
+    # Members of a gzipped tar read back byte for byte, like those of a plain tar.
+    import tarfile
+
+    gz = tmp_path / "x.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        for rel in work.ids[:3]:
+            tar.add(work.images / rel, arcname=rel)
+    members = data.index_tar(str(gz))
+    assert [m.id for m in members] == work.ids[:3]
+    assert [data.read_image_bytes(m) for m in members] == [(work.images / r).read_bytes() for r in work.ids[:3]]
+    # Shards: fixed runs of shard_size images; batches never span two shards.
+    plan = data.open_source(str(work.images)).plan(SHARD)
+    assert [len(s.list_items()) for s in plan] == [8] * 6 + [3]
+    assert data.shard_batches([3, 5], 2) == [[0, 1], [2], [3, 4], [5, 6], [7]]
+
+
+def test_prompts_checkpoint_option(work, monkeypatch, capsys):
+    feats = work.root / "features32"  # written by the first test in this file
+    if not (feats / "manifest.json").is_file():
+        assert run_cli(["encode", *common(work), "--images", str(work.images), "--dtype", "float32", "--out", str(feats)]) == 0
+    ckpt = work.root / "prompts.pt"
+    ckpt.write_bytes(b"checkpoint")
+    out = work.root / "prompts" / "scores.parquet"
+    argv = score_args(work, out, source=["--features", str(feats)], extra=("--prompts", str(ckpt)))
+    argv.remove("--classes"), argv.remove(str(work.classes))
+
+    # Stand in for deltakern.train (written separately): first without the function, then with it.
+    try:
+        import deltakern.train as train
+    except ImportError:
+        import deltakern
+
+        train = types.ModuleType("deltakern.train")
+        monkeypatch.setitem(sys.modules, "deltakern.train", train)
+        monkeypatch.setattr(deltakern, "train", train, raising=False)
+    monkeypatch.delattr(train, "class_embeddings_from_checkpoint", raising=False)
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    assert "--prompts needs deltakern.train.class_embeddings_from_checkpoint" in capsys.readouterr().err
+
+    W = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), dim=1)
+    calls = []
+
+    def from_checkpoint(path, model, tokenizer, device):
+        calls.append((path, device))
+        return W.to(device)
+
+    monkeypatch.setattr(train, "class_embeddings_from_checkpoint", from_checkpoint, raising=False)
+    monkeypatch.setattr(train, "load_checkpoint", lambda path: {"classnames": ["x", "y", "z"]}, raising=False)
+    assert run_cli(argv) == 0
+    assert calls == [(str(ckpt), torch.device("cpu"))]
+    table = pq.read_table(out)
+    X, _ = feature_matrix(feats)
+    assert table.column("pred_name").to_pylist() == ["xyz"[k] for k in table.column("pred").to_pylist()]
+    expected = dk.score(X, W, c=2)
+    assert_close_contract(torch.tensor(table.column("delta_energy").to_pylist()), expected.delta_energy, torch.float32)
+
+
+def test_bad_arguments(work, tmp_path, capsys):
+    assert run_cli(score_args(work, tmp_path / "scores.csv")) == 2
+    assert "out must be a path ending in .parquet" in capsys.readouterr().err
+    assert run_cli(score_args(work, tmp_path / "a.parquet", extra=("--c", "0"))) == 2
+    assert "c must satisfy" in capsys.readouterr().err
+    assert run_cli(score_args(work, tmp_path / "b.parquet", extra=("--c", "8"))) == 2  # K = 7
+    assert "c must satisfy 1 <= c <= 7, got 8" in capsys.readouterr().err
+    assert run_cli(score_args(work, tmp_path / "c.parquet", source=["--images", str(tmp_path / "nope")])) == 2
+    assert "images must be an existing folder" in capsys.readouterr().err
+    assert run_cli(score_args(work, tmp_path / "d.parquet", extra=("--temperature", "0"))) == 2
+    assert "temperature must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pretrained must be a local checkpoint file, 'none' or one of the tags"):
+        load_model("ViT-B-32", "no-such-tag")
+    with pytest.raises(ValueError, match="model must be an open_clip architecture"):
+        load_model("ViT-Z-99", "none")
