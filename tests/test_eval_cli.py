@@ -1,0 +1,240 @@
+"""`deltakern eval`, deltakern.evaluation, deltakern.report and deltakern.io on small files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import deltakern as dk
+from deltakern import cli, evaluation, io
+from deltakern.synthetic import make_synthetic
+
+C = 2
+TAU = 0.02
+
+
+@pytest.fixture(scope="module")
+def data():
+    s = make_synthetic(n=700, k=12, d=16, seed=3, ood_fraction=0.6)
+    ood = s.X[s.is_ood]
+    return {
+        "W": s.W,
+        "X_id": s.X[~s.is_ood],
+        "labels": s.labels[~s.is_ood],
+        "near": ood[:200],
+        "far": ood[200:] * torch.linspace(0.5, 2.0, ood.shape[0] - 200)[:, None],
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("eval_inputs")
+    paths = {
+        "classes": root / "classes.pt",
+        "id": root / "id.npy",
+        "labels": root / "labels.npy",
+        "near": root / "near.safetensors",
+        "far": root / "far.npz",
+    }
+    torch.save({"text": data["W"]}, paths["classes"])
+    np.save(paths["id"], data["X_id"].numpy())
+    np.save(paths["labels"], data["labels"].numpy())
+    save_file({"image": data["near"], "other": torch.zeros(2)}, str(paths["near"]))
+    np.savez(paths["far"], feats=data["far"].numpy())
+    return paths
+
+
+def run_eval(files, out, *extra):
+    argv = [
+        "eval", "--id", str(files["id"]), "--classes", str(files["classes"]),
+        "--ood", f"near={files['near']}:image", "--ood", f"far={files['far']}",
+        "--id-labels", str(files["labels"]), "--temperature", str(TAU), "--c", str(C),
+        "--backend", "reference", "--quiet", "--out", str(out), *extra,
+    ]
+    return cli.main(argv)
+
+
+def direct_scores(data, name):
+    X = data["X_id"] if name == "ID" else data[name]
+    modes = dk.score_modes(X, data["W"], temperature=TAU, c=C, backend="reference")
+    cols = {
+        "delta_energy": modes["separate"].delta_energy,
+        "delta_energy_joint": modes["joint"].delta_energy,
+        "energy": modes["separate"].energy,
+        "msp": modes["separate"].msp,
+        "mcm": dk.mcm(X, data["W"], temperature=1.0, backend="reference"),
+        "max_logit": modes["separate"].max_logit,
+    }
+    # ΔEnergy at c' <= C from the same pass: prefix sums of the separate terms, joint columns
+    sep_terms = modes["separate"].delta_energy_terms.double()
+    for c in range(1, C + 1):
+        cols[f"delta_energy@c={c}"] = sep_terms[:, :c].sum(1).float()
+        cols[f"delta_energy_joint@c={c}"] = modes["joint"].delta_energy_terms[:, c - 1]
+    return cols, modes["separate"].pred
+
+
+def test_eval_files_report_agrees_with_metrics(tmp_path, files, data, capsys):
+    out = tmp_path / "report"
+    assert run_eval(files, out) == 0
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and "ΔEnergy (joint)" in printed and "ID top-1 accuracy" in printed
+
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["deltakern"] == dk.__version__
+    assert doc["settings"]["c"] == C and doc["settings"]["temperature"] == TAU
+    assert doc["ood_sets"] == ["near", "far"]
+    assert {"auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_ood_positive"} <= set(doc["conventions"])
+    # inputs: sha256 of the files and shapes
+    for key, path in (("classes", files["classes"]), ("ID", files["id"]), ("OOD near", files["near"]),
+                      ("OOD far", files["far"]), ("id_labels", files["labels"])):
+        assert doc["inputs"][key]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert doc["inputs"]["ID"]["shape"] == list(data["X_id"].shape)
+    assert doc["inputs"]["OOD near"]["key"] == "image"
+
+    id_cols, pred = direct_scores(data, "ID")
+    ood_cols = {name: direct_scores(data, name)[0] for name in ("near", "far")}
+    expected_scores = list(evaluation.SCORE_LABELS) + [f"{b}@c={c}" for b in evaluation.SWEEP_BASES for c in range(1, C + 1)]
+    assert doc["scores"] == expected_scores
+    assert len(doc["results"]) == len(expected_scores) * 2
+    for row in doc["results"]:
+        want = dk.metrics.ood_metrics(id_cols[row["score"]], ood_cols[row["ood_set"]][row["score"]])
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), (row["score"], row["ood_set"], key)
+    for mean in doc["means"]:
+        rows = [r for r in doc["results"] if r["score"] == mean["score"]]
+        assert mean["ood_set"] == "mean"
+        for key in ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_ood_positive"):
+            assert mean[key] == pytest.approx(sum(r[key] for r in rows) / len(rows), rel=1e-15)
+    assert doc["id_accuracy"] == pytest.approx(dk.metrics.accuracy(pred, data["labels"]))
+
+    # CSV: every record, full precision
+    with open(out / "metrics.csv", newline="") as fh:
+        records = list(csv.DictReader(fh))
+    assert len(records) == len(doc["results"]) + len(doc["means"])
+    first = doc["results"][0]
+    assert float(records[0]["auroc"]) == first["auroc"] and records[0]["score"] == first["score"]
+
+    md = (out / "report.md").read_text()
+    assert "| ΔEnergy (separate) | near" in md and "effect of c" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    expected_pngs = [f"hist_{s}.png" for s in evaluation.SCORE_LABELS] + ["roc_near.png", "roc_far.png", "c_effect.png"]
+    assert sorted(expected_pngs) == pngs
+    assert doc["plots"] == [p for p in doc["plots"] if p in pngs] and len(doc["plots"]) == len(pngs)
+    for name in pngs:
+        with Image.open(out / name) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 100
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_eval_positive_ood_changes_the_fpr_column(tmp_path, files, capsys):
+    assert run_eval(files, tmp_path / "o", "--positive", "ood", "--no-plots", "--c", "1") == 0
+    assert "(OOD+)" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert doc["fpr_column"] == "fpr95_ood_positive" and doc["plots"] == "skipped: disabled"
+    assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_eval_synthetic_source(tmp_path, capsys):
+    out = tmp_path / "syn"
+    argv = ["eval", "--synthetic", "--n", "400", "--k", "10", "--d", "16", "--c", "3", "--quiet",
+            "--backend", "reference", "--out", str(out), "--no-plots"]
+    assert cli.main(argv) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["ood_sets"] == ["synthetic"]
+    assert doc["inputs"]["ID"]["shape"][0] + doc["inputs"]["OOD synthetic"]["shape"][0] == 400
+    s = make_synthetic(400, 10, 16, 0, 0.5)
+    sep = dk.score(s.X, s.W, c=3, backend="reference")
+    want = dk.metrics.ood_metrics(sep.delta_energy[~s.is_ood], sep.delta_energy[s.is_ood])
+    got = next(r for r in doc["results"] if r["score"] == "delta_energy")
+    assert got["auroc"] == pytest.approx(want["auroc"], rel=1e-12)
+    assert doc["id_accuracy"] == pytest.approx(dk.metrics.accuracy(sep.pred[~s.is_ood], s.labels[~s.is_ood]))
+    assert "ΔEnergy mode" in capsys.readouterr().out  # the c = 1..3 table
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["eval", "--id", "x.npy"], ["--ood", "--classes", "required"]),
+        (["eval", "--synthetic", "--id", "x.npy"], ["--synthetic", "--id"]),
+    ],
+)
+def test_eval_usage_errors(argv, words, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+
+
+def test_eval_file_errors_name_the_flag(tmp_path, files, capsys):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((5, 7), np.float32))  # D = 7, classes have 16
+    argv = ["eval", "--id", str(files["id"]), "--classes", str(files["classes"]), "--ood", f"bad={bad}", "--quiet"]
+    assert cli.main(argv) == 2
+    assert "--ood bad" in capsys.readouterr().err
+    argv[argv.index(f"bad={bad}")] = f"near={files['near']}"  # two arrays and no key
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--ood near" in err and "image" in err and "other" in err
+    argv[argv.index(f"near={files['near']}")] = f"gone={tmp_path / 'missing.npy'}"
+    assert cli.main(argv) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_io_loaders(tmp_path, data):
+    pt = tmp_path / "single.pt"
+    torch.save(data["W"].half(), pt)
+    assert io.load_embeddings(pt).dtype == torch.float16
+    txt = tmp_path / "y.txt"
+    txt.write_text("1")
+    with pytest.raises(ValueError, match="unsupported suffix"):
+        io.load_array(txt)
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.arange(4, dtype=np.float32))
+    with pytest.raises(TypeError, match="integer"):
+        io.load_labels(labels, name="--id-labels")
+    np.save(labels, np.arange(4))
+    with pytest.raises(ValueError, match="--id-labels.*3 labels"):
+        io.load_labels(labels, name="--id-labels", n=3)
+    assert io.split_key(f"{pt}:key") == (pt, "key") and io.split_key(pt) == (pt, None)
+
+
+def test_evaluate_sets_api_and_tables(data):
+    rng = np.random.default_rng(0)
+    id_scores = {"a": rng.normal(1, 1, 300), "b": torch.from_numpy(rng.normal(0.5, 1, 300))}
+    ood_scores = {name: {"a": rng.normal(0, 1, 200 + i), "b": torch.from_numpy(rng.normal(0, 1, 200 + i))}
+                  for i, name in enumerate(["s1", "s2", "s3"])}
+    ev = evaluation.evaluate_sets(id_scores, ood_scores, positive="ood")
+    for score in ("a", "b"):
+        for name in ood_scores:
+            assert ev.result(score, name)["fpr95_ood_positive"] == dk.metrics.fpr_at_tpr(
+                id_scores[score], ood_scores[name][score], positive="ood"
+            )
+        mean = ev.result(score, "mean")["auroc"]
+        assert mean == pytest.approx(np.mean([dk.metrics.auroc(id_scores[score], ood_scores[n][score]) for n in ood_scores]))
+    text = ev.table()
+    assert "mean" in text and "FPR95↓ (OOD+)" in text and ev.id_accuracy is None
+    row = ev.table_rows()[3]  # score a, the mean over the three sets
+    assert row[1] == "mean" and math.isclose(row[2], 100 * ev.result("a", "mean")["auroc"])
+    with pytest.raises(ValueError, match="ood_scores\\['s2'\\] has no score 'c'"):
+        evaluation.evaluate_sets({"c": [1.0]}, {"s1": {"c": [0.0]}, "s2": {"a": [0.0]}})
+    with pytest.raises(ValueError, match="positive"):
+        evaluation.evaluate_sets(id_scores, ood_scores, positive="both")
+
+
+def test_delta_energy_by_c_matches_separate_passes(data):
+    X, W = data["X_id"][:50], data["W"]
+    for mode in ("separate", "joint"):
+        full = dk.score(X, W, c=4, mode=mode, temperature=TAU, backend="reference")
+        by_c = evaluation.delta_energy_by_c(full.delta_energy_terms, mode)
+        for c in range(1, 5):
+            own = dk.score(X, W, c=c, mode=mode, temperature=TAU, backend="reference").delta_energy
+            torch.testing.assert_close(by_c[:, c - 1], own, rtol=1e-5, atol=1e-5)
