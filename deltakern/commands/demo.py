@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .. import mcm, score_modes
+    from ..evaluation import columns_from_scores
     from ..scoring import resolve_backend
     from ..synthetic import class_embeddings, iter_blocks
 
@@ -57,46 +58,55 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=args.n, unit="row", unit_scale=True, desc="scoring") as bar:
         for X, is_ood, labels in iter_blocks(args.n, args.k, args.d, args.seed, args.ood_fraction):
             X = X.to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync(device)
             start = time.perf_counter()
             both = score_modes(X, W, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync(device)
             score_seconds += time.perf_counter() - start
-            # MCM is MSP at its own temperature (T = 1): a second, separately timed pass.
+            # MCM is MSP at its own temperature (T = 1): a second pass, outside the timing.
             mcm_block = mcm(X, W, temperature=1.0, backend=backend)
-            sep, joint = both["separate"], both["joint"]
-            for name, value in (
-                ("delta_energy", sep.delta_energy),
-                ("delta_energy_joint", joint.delta_energy),
-                ("delta_energy_terms", sep.delta_energy_terms),
-                ("delta_energy_joint_terms", joint.delta_energy_terms),
-                ("energy", sep.energy),
-                ("msp", sep.msp),
-                ("mcm", mcm_block),
-                ("max_logit", sep.max_logit),
-                ("pred", sep.pred),
-                ("is_ood", is_ood),
-                ("labels", labels),
-            ):
+            cols = columns_from_scores(both["separate"], both["joint"], mcm_block)
+            cols.update(is_ood=is_ood, labels=labels)
+            for name, value in cols.items():
                 parts.setdefault(name, []).append(value.cpu())
             bar.update(X.shape[0])
-    cols = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    rows_per_s = args.n / score_seconds
-    print(f"fused ΔEnergy pass: {score_seconds:.2f} s for {args.n:,} rows = {rows_per_s:,.0f} rows/s ({backend} on {device})")
-    _summary(cols)
+    columns = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    print(
+        f"fused ΔEnergy pass (both modes, c={args.c}): {score_seconds:.2f} s for {args.n:,} rows = "
+        f"{args.n / score_seconds:,.0f} rows/s ({backend} on {device})"
+    )
+    _evaluate(columns)
     return 0
 
 
-def _summary(cols: dict) -> None:
-    """Print accuracy and an ID vs OOD evaluation of every score."""
-    is_ood = cols["is_ood"]
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+SCORES = ["delta_energy", "delta_energy_joint", "energy", "msp", "mcm", "max_logit"]
+
+
+def _evaluate(columns: dict) -> None:
+    """Print the ID vs OOD table (AUROC, FPR95, AUPR) of every score and the c-effect table."""
+    from ..evaluation import evaluate_sets
+
+    is_ood = columns.pop("is_ood")
+    labels = columns.pop("labels")
     id_mask = ~is_ood
-    acc = (cols["pred"][id_mask] == cols["labels"][id_mask]).double().mean().item()
-    print(f"ID rows: {int(id_mask.sum()):,}  OOD rows: {int(is_ood.sum()):,}  ID top-1 accuracy: {acc:.4f}")
-    names = ["delta_energy", "delta_energy_joint", "energy", "msp", "mcm", "max_logit"]
-    print(f"{'score':<20} {'mean ID':>10} {'mean OOD':>10}")
-    for name in names:
-        v = cols[name].double()
-        print(f"{name:<20} {v[id_mask].mean().item():>10.4f} {v[is_ood].mean().item():>10.4f}")
+    if not bool(id_mask.any()) or not bool(is_ood.any()):
+        print("need both ID and OOD rows for the evaluation table (see --ood-fraction)")
+        return
+    names = SCORES + sorted(n for n in columns if "@c=" in n)
+    evaluation = evaluate_sets(
+        {n: columns[n][id_mask] for n in names},
+        {"synthetic-ood": {n: columns[n][is_ood] for n in names}},
+        scores=names,
+        id_pred=columns["pred"][id_mask],
+        id_labels=labels[id_mask],
+    )
+    print(f"ID rows: {int(id_mask.sum()):,}  OOD rows: {int(is_ood.sum()):,}")
+    print(evaluation.table())
+    print(evaluation.c_table())
