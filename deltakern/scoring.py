@@ -74,7 +74,9 @@ def resolve_backend(backend: str, device: torch.device | str, c: int = 1) -> str
 def _state(X, W, *, temperature, c, normalize, backend, allow_tf32):
     if backend == "cpp":
         return _ops.fused_score_state(X, W, 1.0 / temperature, c, normalize)
-    if backend == "triton":
+    # The Triton kernel multiplies in float32 at most; float64 inputs keep float64 end to end
+    # through the reference (documented in the README's Triton section).
+    if backend == "triton" and torch.float64 not in (X.dtype, W.dtype):
         from .kernels import fused_score  # lazy: imports triton
 
         return fused_score.fused_score_state(
