@@ -61,21 +61,25 @@ def check_embeddings(name: str, t: object, *, normalize: bool) -> torch.Tensor:
     return check_values(name, check_matrix(name, t), normalize=normalize)
 
 
-def check_inputs(X: object, W: object, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate an (X, W) pair: structure of both, then their agreement, then the values."""
-    X = check_matrix("X", X)
-    W = check_matrix("W", W)
-    check_pair(X, W)
-    return check_values("X", X, normalize=normalize), check_values("W", W, normalize=normalize)
+def check_inputs(
+    X: object, W: object, *, normalize: bool, names: tuple[str, str] = ("X", "W")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a pair of embedding matrices: structure of both, then their agreement, then the
+    values. ``names`` are the argument names used in messages."""
+    X = check_matrix(names[0], X)
+    W = check_matrix(names[1], W)
+    check_pair(X, W, names)
+    return check_values(names[0], X, normalize=normalize), check_values(names[1], W, normalize=normalize)
 
 
-def check_pair(X: torch.Tensor, W: torch.Tensor) -> None:
+def check_pair(X: torch.Tensor, W: torch.Tensor, names: tuple[str, str] = ("X", "W")) -> None:
+    a, b = names
     if X.shape[1] != W.shape[1]:
         raise ValueError(
-            f"X and W must share the embedding dimension: X.shape[1]={X.shape[1]}, W.shape[1]={W.shape[1]}"
+            f"{a} and {b} must share the embedding dimension: {a}.shape[1]={X.shape[1]}, {b}.shape[1]={W.shape[1]}"
         )
     if X.device != W.device:
-        raise ValueError(f"X and W must be on the same device: X on {X.device}, W on {W.device}")
+        raise ValueError(f"{a} and {b} must be on the same device: {a} on {X.device}, {b} on {W.device}")
 
 
 def check_positive(name: str, value: object) -> float:

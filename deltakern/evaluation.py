@@ -32,6 +32,13 @@ SCORE_LABELS = {
     "mcm": "MCM",
     "max_logit": "Max-logit",
 }
+# Optional baselines that need inputs beyond X and W (labels for the table only).
+EXTRA_LABELS = {"knn": "KNN (k-th NN)"}
+
+
+def score_label(score: str) -> str:
+    """The display name of a score column (the column name itself when unknown)."""
+    return SCORE_LABELS.get(score) or EXTRA_LABELS.get(score, score)
 SWEEP_BASES = ("delta_energy", "delta_energy_joint")
 _SWEEP = re.compile(r"^(?P<base>.+)@c=(?P<c>\d+)$")
 METRIC_COLUMNS = ("auroc", "fpr95", "aupr_in", "aupr_out")
@@ -179,7 +186,7 @@ class Evaluation:
             for name in sets:
                 r = self.result(score, name)
                 out.append(
-                    [SCORE_LABELS.get(score, score), name]
+                    [score_label(score), name]
                     + [100 * r[k] for k in ("auroc", fpr, "aupr_in", "aupr_out")]
                 )
         return out
@@ -205,7 +212,7 @@ class Evaluation:
             match = _SWEEP.match(score)
             base, c = match["base"], int(match["c"])
             r = self.result(score, MEAN_SET)
-            out.append([SCORE_LABELS.get(base, base), c] + [100 * r[k] for k in ("auroc", fpr, "aupr_in", "aupr_out")])
+            out.append([score_label(base), c] + [100 * r[k] for k in ("auroc", fpr, "aupr_in", "aupr_out")])
         return out
 
     def c_table(self, tablefmt: str = "simple", floatfmt: str = ".2f") -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .evaluation import MEAN_SET, SCORE_LABELS, Evaluation
+from .evaluation import MEAN_SET, Evaluation, score_label
 
 CSV_COLUMNS = (
     "score", "ood_set", "auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_ood_positive", "threshold", "n_id", "n_ood",
@@ -165,9 +165,9 @@ def plot_histograms(evaluation: Evaluation, out_dir: Path) -> list[Path]:
         for label, values in series.items():
             ax.hist(values, bins=bins, density=True, histtype="step" if label != "ID" else "stepfilled",
                     alpha=0.45 if label == "ID" else 1.0, linewidth=1.4, label=f"{label} (n={values.size:,})")
-        ax.set_xlabel(f"{SCORE_LABELS.get(score, score)} (higher = ID)")
+        ax.set_xlabel(f"{score_label(score)} (higher = ID)")
         ax.set_ylabel("density")
-        ax.set_title(f"{SCORE_LABELS.get(score, score)}: ID vs OOD")
+        ax.set_title(f"{score_label(score)}: ID vs OOD")
         ax.legend(fontsize="small")
         written.append(_save_png(fig, out_dir / f"hist_{safe_name(score)}.png"))
     return written
@@ -190,7 +190,7 @@ def plot_roc(evaluation: Evaluation, out_dir: Path) -> list[Path]:
                 keep = np.unique(np.linspace(0, fpr.size - 1, ROC_DRAW_POINTS).round().astype(np.int64))
                 fpr, tpr = fpr[keep], tpr[keep]
             auc = evaluation.result(score, set_name)["auroc"]
-            ax.plot(fpr, tpr, linewidth=1.3, label=f"{SCORE_LABELS.get(score, score)} (AUROC {100 * auc:.2f})")
+            ax.plot(fpr, tpr, linewidth=1.3, label=f"{score_label(score)} (AUROC {100 * auc:.2f})")
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
         ax.axhline(evaluation.tpr, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xlabel("FPR (fraction of OOD accepted)")

@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--backend", default="auto", choices=["auto", "triton", "cpp", "reference"],
                     help="scoring backend (default auto: Triton on CUDA, C++ on CPU)")
     sc.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    sc.add_argument("--knn-bank", metavar="PATH",
+                    help="ID training embeddings [M, D]: adds the kNN baseline score (Sun et al. 2022; faiss when installed)")
+    sc.add_argument("--knn-k", type=int, default=50, help="the k of the kNN score (default 50)")
     sc.add_argument("--chunk-rows", type=int, default=65_536, help="rows scored per call (default 65536)")
     me = p.add_argument_group("metrics and output")
     me.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR column (default 0.95)")
@@ -174,10 +177,20 @@ def run(args: argparse.Namespace) -> int:
             mcm_temperature=args.mcm_temperature, chunk_rows=args.chunk_rows,
             desc=f"scoring {name} ({X.shape[0]:,} rows)", progress=not args.quiet,
         )
+    extra_scores = []
+    if args.knn_bank:
+        from ..io import file_sha256, load_embeddings, split_key
+        from ..knn import knn_score
+
+        bank = load_embeddings(args.knn_bank, name="--knn-bank", dim=W.shape[1]).to(device)
+        inputs["knn_bank"] = _info(bank, path=str(split_key(args.knn_bank)[0]), sha256=file_sha256(split_key(args.knn_bank)[0]))
+        for name, X in sets.items():
+            columns[name]["knn"] = knn_score(X.to(device), bank, k=args.knn_k).float().cpu()
+        extra_scores.append("knn")
     id_cols = columns.pop("ID")
     sweep = [f"{base}@c={c}" for base in ("delta_energy", "delta_energy_joint") for c in range(1, args.c + 1)]
     evaluation = evaluate_sets(
-        id_cols, columns, tpr=args.tpr, positive=args.positive, scores=list(SCORE_LABELS) + sweep,
+        id_cols, columns, tpr=args.tpr, positive=args.positive, scores=list(SCORE_LABELS) + extra_scores + sweep,
         id_pred=id_cols["pred"] if labels is not None else None, id_labels=labels, progress=not args.quiet,
     )
     print()
@@ -194,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 "temperature": args.temperature, "c": args.c, "reset": args.reset,
                 "mcm_temperature": args.mcm_temperature, "backend": backend, "device": str(device),
                 "tpr": args.tpr, "positive": args.positive,
+                "knn_k": args.knn_k if args.knn_bank else None,
             },
             "inputs": inputs,
         }
