@@ -34,10 +34,33 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _locate_cuda_home() -> None:
+    """Point torch at the real toolkit when ``nvcc`` on PATH is a wrapper script.
+
+    torch guesses CUDA_HOME as the parent of nvcc's directory; for a wrapper such as
+    /usr/local/bin/nvcc that gives /usr/local, which has no CUDA libraries to link. Only fills
+    the variable when the user has not set CUDA_HOME/CUDA_PATH.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    guessed = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if guessed and os.path.exists(os.path.join(guessed, "include", "cuda_runtime.h")):
+        return
+    for candidate in ("/usr/local/cuda", "/opt/cuda"):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            print(f"deltakern: using the CUDA toolkit in {candidate} (nvcc on PATH is a wrapper)")
+            return
+
+
 def _extensions():
     if not _flag("DELTAKERN_BUILD_CPP", "1"):
         print("deltakern: DELTAKERN_BUILD_CPP=0, installing without the compiled extension")
         return [], {}
+    _locate_cuda_home()  # before cpp_extension, which reads CUDA_HOME at import
     try:
         import torch
         from torch.utils import cpp_extension

@@ -15,4 +15,24 @@ TORCH_LIBRARY(deltakern, m) {
   m.def(
       "fused_score_state(Tensor x, Tensor w, float inv_temp, int c, bool normalize) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // EBM loss forward (SPEC.md §5). Per row: logits l = x_hat w_hat^T * inv_temp, target column
+  // t (argmax of l when target_pred, ties to the lower class; else the label), the keep mask
+  // (false on the mask_count largest entries of x_hat * w_hat_t, ties to the lower dimension),
+  // the edited cosine s = sum(keep * x_hat * w_hat_t) before the clamp at `reset`, and the
+  // log-sum-exps of l and of l without column t. Only a chunk of the logits exists at a time.
+  // Returns (ce [N], delta [N], lse [N], lse_other [N], target [N] int64, edited [N],
+  // keep [N, D] bool); ce is on the edited logits when ce_edited.
+  m.def(
+      "ebm_loss_forward(Tensor x, Tensor w, Tensor labels, float inv_temp, float reset, "
+      "int mask_count, bool target_pred, bool ce_edited, bool normalize) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // EBM loss backward: gradients of sum(grad_ce * ce + grad_delta * delta) with respect to x
+  // and w from the forward's per-row state; the logits are recomputed chunk by chunk. A
+  // gradient that is not needed comes back as an empty tensor. Returns (grad_x, grad_w).
+  m.def(
+      "ebm_loss_backward(Tensor grad_ce, Tensor grad_delta, Tensor x, Tensor w, Tensor labels, "
+      "Tensor target, Tensor lse, Tensor lse_other, Tensor edited, Tensor keep, float inv_temp, "
+      "float reset, bool ce_edited, bool normalize, bool needs_x, bool needs_w) "
+      "-> (Tensor, Tensor)");
 }

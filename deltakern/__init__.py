@@ -4,6 +4,8 @@ Public names only; everything else lives in its own module. Importing deltakern 
 a GPU, nor Triton, nor the compiled extension, and never initialises CUDA.
 """
 
+from . import metrics
+from .loss import EBMLoss, ebm_loss
 from .scoring import (
     Scores,
     available_backends,
@@ -13,18 +15,23 @@ from .scoring import (
     mcm,
     msp,
     score,
+    score_modes,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EBMLoss",
     "Scores",
     "available_backends",
     "delta_energy",
+    "ebm_loss",
     "energy",
     "max_logit",
     "mcm",
+    "metrics",
     "msp",
     "score",
+    "score_modes",
     "__version__",
 ]

@@ -11,6 +11,7 @@
 #include <algorithm>
 
 #include "row_reduce.h"
+#include "rows.h"
 
 namespace deltakern {
 namespace cpu {
@@ -18,13 +19,6 @@ namespace {
 
 constexpr int64_t kChunkElements = int64_t{1} << 21;  // logits per chunk buffer (8 MB in fp32)
 constexpr int64_t kMinChunkRows = 64;                 // keeps the matmul efficient for huge K
-
-// Rows of X scaled to unit norm (or copied as-is) in the accumulation dtype.
-at::Tensor prepare_rows(const at::Tensor& rows, at::ScalarType acc, bool normalize) {
-  at::Tensor out = rows.to(acc);
-  if (normalize) out = out / at::linalg_vector_norm(out, 2, {1}, /*keepdim=*/true);
-  return out;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::Tensor& x,
                                                                      const at::Tensor& w,
@@ -37,8 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::T
   const int64_t K = w.size(0);
   TORCH_CHECK(c >= 1 && c <= K, "fused_score_state: c must be in [1, K], got ", c);
 
-  const bool use_double = x.scalar_type() == at::kDouble || w.scalar_type() == at::kDouble;
-  const at::ScalarType acc = use_double ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = accumulation_type(x, w);
+  const bool use_double = acc == at::kDouble;
   // 1/tau is folded into the (small) class matrix once, so the epilogue reads final logits.
   const at::Tensor w_scaled = (prepare_rows(w, acc, normalize) * inv_temp).contiguous();
   const at::Tensor w_t = w_scaled.t();

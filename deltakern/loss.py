@@ -1,0 +1,211 @@
+"""The EBM loss (SPEC.md §5): ``dk.ebm_loss`` and the ``dk.EBMLoss`` module.
+
+Per row, ``L = CE + lam · (LSE(ℓ̃) − LSE(ℓ))``, where ``ℓ̃`` equals the logits ``ℓ`` except that
+the target column holds the edited (masked, clamped) cosine over τ. Minimising the second term
+maximises a lower bound of ΔE_1, the energy change when the top logit is reset.
+
+Two paths compute it:
+- the fused custom ops ``deltakern::ebm_loss_forward`` / ``deltakern::ebm_loss_backward``
+  (C++ on CPU, CUDA on GPU), which never hold more than a chunk of the ``[N, K]`` logits: the
+  forward keeps O(N) numbers per row (and the [N, D] mask), the backward recomputes the logits
+  chunk by chunk and turns each chunk into its logit gradient on the fly;
+- the plain-PyTorch reference (``deltakern.loss_reference``) when the extension is not loaded.
+Schemas are declared in csrc/ops.cpp; this module adds their fake kernels and autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _ext, _ops
+from ._validation import check_bool, check_choice, check_finite_number, check_open_unit, check_positive
+from .loss_reference import CE_ON, REDUCTIONS, TARGETS, combine, masked_count, per_row_parts, validate
+
+_registered = False
+
+
+def _acc_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+
+
+def _register() -> bool:
+    """Register fake kernels and autograd of the loss ops once; False without the extension."""
+    global _registered
+    if _registered:
+        return True
+    if not _ops.ensure_registered():
+        return False
+    names = torch._C._dispatch_get_all_op_names()
+    if "deltakern::ebm_loss_forward" not in names or "deltakern::ebm_loss_backward" not in names:
+        return False  # an extension built before the loss ops existed
+
+    @torch.library.register_fake("deltakern::ebm_loss_forward")
+    def _forward_fake(x, w, labels, inv_temp, reset, mask_count, target_pred, ce_edited, normalize):
+        acc = _acc_dtype(x, w)
+        n = x.shape[0]
+        row = x.new_empty((n,), dtype=acc)
+        return (
+            row,  # ce
+            torch.empty_like(row),  # delta
+            torch.empty_like(row),  # lse
+            torch.empty_like(row),  # lse_other
+            x.new_empty((n,), dtype=torch.int64),  # target
+            torch.empty_like(row),  # edited cosine (before the clamp)
+            x.new_empty((n, x.shape[1]), dtype=torch.bool),  # keep mask
+        )
+
+    @torch.library.register_fake("deltakern::ebm_loss_backward")
+    def _backward_fake(
+        grad_ce, grad_delta, x, w, labels, target, lse, lse_other, edited, keep,
+        inv_temp, reset, ce_edited, normalize, needs_x, needs_w,
+    ):
+        dx = x.new_empty(x.shape if needs_x else (0,))
+        dw = w.new_empty(w.shape if needs_w else (0,))
+        return dx, dw
+
+    def _setup_context(ctx, inputs, output):
+        x, w, labels, inv_temp, reset, _count, _pred, ce_edited, normalize = inputs
+        _ce, _delta, lse, lse_other, target, edited, keep = output
+        ctx.save_for_backward(x, w, labels, target, lse, lse_other, edited, keep)
+        ctx.options = (inv_temp, reset, ce_edited, normalize)
+        ctx.mark_non_differentiable(lse, lse_other, target, edited, keep)
+
+    def _backward(ctx, grad_ce, grad_delta, *_unused):
+        x, w, labels, target, lse, lse_other, edited, keep = ctx.saved_tensors
+        inv_temp, reset, ce_edited, normalize = ctx.options
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (needs_x or needs_w):
+            return (None,) * 9
+        grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce
+        grad_delta = torch.zeros_like(lse) if grad_delta is None else grad_delta
+        dx, dw = torch.ops.deltakern.ebm_loss_backward(
+            grad_ce, grad_delta, x, w, labels, target, lse, lse_other, edited, keep,
+            inv_temp, reset, ce_edited, normalize, needs_x, needs_w,
+        )
+        return (dx if needs_x else None, dw if needs_w else None) + (None,) * 7
+
+    torch.library.register_autograd(
+        "deltakern::ebm_loss_forward", _backward, setup_context=_setup_context
+    )
+    _registered = True
+    return True
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """True when the fused loss ops have a kernel for tensors on ``device``."""
+    if not _ext.available() or not _register():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and _ops.has_kernel("ebm_loss_forward", key)
+
+
+def _fused_parts(X, W, labels, *, temperature, mask_ratio, reset, target, ce_on, normalize):
+    """Per-row ``(ce, delta)`` from the fused forward op (differentiable through its autograd)."""
+    out = torch.ops.deltakern.ebm_loss_forward(
+        X, W, labels, 1.0 / temperature, reset, masked_count(mask_ratio, X.shape[1]),
+        target == "pred", ce_on == "edited", normalize,
+    )
+    return out[0], out[1]
+
+
+def ebm_loss(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 0.01,
+    lam: float = 1.0,
+    mask_ratio: float = 0.5,
+    reset: float = 0.0,
+    target: str = "pred",
+    ce_on: str = "original",
+    normalize: bool = True,
+    reduction: str = "mean",
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy plus ``lam`` times a lower bound of −ΔE_1 (SPEC.md §5).
+
+    ``X [N, D]`` are image embeddings, ``W [K, D]`` class embeddings, ``labels [N]`` integer
+    classes in ``[0, K)``. Per row: logits ``ℓ = x̂ŵᵀ/τ``; the target column ``t`` is
+    ``argmax ℓ`` (``target="pred"``, ties to the lower class) or the label
+    (``target="label"``); the edited cosine sums ``x̂ ⊙ ŵ_t`` with its ``⌈mask_ratio·D⌉`` largest
+    entries zeroed, clamped from below at ``reset``; the edited logits put it (over τ) in column
+    ``t``. The loss is ``CE(ℓ or ℓ̃, y) + lam · (LSE(ℓ̃) − LSE(ℓ))`` (``ce_on="original"`` or
+    ``"edited"``), reduced by ``reduction`` (``"mean"``, ``"sum"``, ``"none"``).
+    ``return_parts=True`` returns ``(loss, {"ce": ..., "delta": ...})``.
+
+    Gradients flow to ``X`` and ``W`` (whichever require grad). With the compiled extension the
+    forward and backward are fused custom ops that never hold the ``[N, K]`` logits; otherwise
+    the plain-PyTorch reference is used. The loss is float32 (float64 for float64 inputs).
+    """
+    args = validate(
+        X, W, labels, temperature=temperature, lam=lam, mask_ratio=mask_ratio, reset=reset,
+        target=target, ce_on=ce_on, normalize=normalize, reduction=reduction,
+        return_parts=return_parts,
+    )
+    parts = _fused_parts if fused_available(X.device) else per_row_parts
+    ce, delta = parts(
+        X, W, args["labels"], temperature=args["temperature"], mask_ratio=args["mask_ratio"],
+        reset=args["reset"], target=args["target"], ce_on=args["ce_on"], normalize=args["normalize"],
+    )
+    return combine(ce, delta, lam=args["lam"], reduction=args["reduction"], return_parts=args["return_parts"])
+
+
+class EBMLoss(nn.Module):
+    """Module form of :func:`ebm_loss`, a drop-in replacement for ``nn.CrossEntropyLoss``.
+
+    Holds the keyword arguments of :func:`ebm_loss`; ``forward(X, W, labels)`` takes the image
+    embeddings, the class embeddings and the labels (rather than precomputed logits, because the
+    loss needs the embeddings to build the edited logit).
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.01,
+        lam: float = 1.0,
+        mask_ratio: float = 0.5,
+        reset: float = 0.0,
+        target: str = "pred",
+        ce_on: str = "original",
+        normalize: bool = True,
+        reduction: str = "mean",
+        return_parts: bool = False,
+    ) -> None:
+        super().__init__()
+        # Checked here too, so a bad setting fails where the module is built.
+        check_positive("temperature", temperature)
+        check_finite_number("lam", lam)
+        check_open_unit("mask_ratio", mask_ratio)
+        check_finite_number("reset", reset)
+        check_choice("target", target, TARGETS)
+        check_choice("ce_on", ce_on, CE_ON)
+        check_bool("normalize", normalize)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_bool("return_parts", return_parts)
+        self.temperature = temperature
+        self.lam = lam
+        self.mask_ratio = mask_ratio
+        self.reset = reset
+        self.target = target
+        self.ce_on = ce_on
+        self.normalize = normalize
+        self.reduction = reduction
+        self.return_parts = return_parts
+
+    def forward(
+        self, X: torch.Tensor, W: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return ebm_loss(
+            X, W, labels, temperature=self.temperature, lam=self.lam, mask_ratio=self.mask_ratio,
+            reset=self.reset, target=self.target, ce_on=self.ce_on, normalize=self.normalize,
+            reduction=self.reduction, return_parts=self.return_parts,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, lam={self.lam}, mask_ratio={self.mask_ratio}, "
+            f"reset={self.reset}, target={self.target!r}, ce_on={self.ce_on!r}, "
+            f"normalize={self.normalize}, reduction={self.reduction!r}"
+        )
