@@ -1,0 +1,56 @@
+"""The GPU scoring table: the fused Triton kernel vs eager PyTorch, torch.compile of the reference
+and a bare torch.mm of the same shape and dtype (the ceiling).
+
+``triton.testing.do_bench`` medians on rotated inputs (three copies of X and W cycled, L2 flushed
+between calls) at N = 1,000,000, D = 512, K in {10, 1000, 20000}, bfloat16 and float32.
+Columns: ms, rows/s, TFLOP/s, % of the measured torch.mm rate, speedup vs eager, peak memory.
+Eager needs the full [N, K] float32 logits; where they do not fit it runs over row blocks and
+its row says so. Outputs are checked against the reference on 65,536 rows spread over N.
+Targets (DESIGN.md §4) at K = 1000, bf16: >= 60% of torch.mm's rate and >= 8x faster than eager.
+
+    python bench/bench_gpu_score.py [--n 1000000] [--k 10 1000 20000] [--dtype bfloat16 float32]
+
+Writes OUT/gpu_score.json and .csv after every case (a cut-short run keeps its rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from deltakern import bench_suite as bs
+from deltakern import benchmarking as bm
+
+PROVIDERS = ("deltakern-triton", "eager", "compile-reference", "torch.mm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000, help="rows N")
+    p.add_argument("--k", type=int, nargs="+", default=[10, 1000, 20_000], help="classes K")
+    p.add_argument("--d", type=int, default=512, help="embedding dimension D")
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), help="providers to time")
+    p.add_argument("--check-rows", type=int, default=65_536, help="rows (spread over N) checked against the reference")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition budget per provider (ms)")
+    p.add_argument("--out", default="out/bench", help="output directory")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    cases = [bs.score_case(args.n, k, args.d, 1, dt, "cuda") for dt in args.dtype for k in args.k]
+    options = bs.RunOptions(
+        timing=bm.TimingConfig(gpu_warmup_ms=25, gpu_rep_ms=args.rep_ms),
+        providers=args.providers, check_rows=args.check_rows, rotations=3,
+    )
+    meta = {"command": " ".join(["python", "bench/bench_gpu_score.py"] + (argv if argv is not None else sys.argv[1:])), **bm.environment()}
+    rows = bs.run_suite(cases, options, on_case=bs.results_writer(args.out, "gpu_score", meta))
+    print(bm.format_table(rows))
+    for c in bs.compare(rows, "deltakern-triton", "eager"):
+        print(f"{c['shape']} {c['dtype']}: triton {c['provider_ms']:.2f} ms, {c['speedup']:.1f}x faster than eager")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""pytest-benchmark suite for the EBM loss: forward + backward of each loss provider.
+
+Not collected by the default test command; run with ``pytest bench`` (see test_bench_scoring.py).
+Outputs (loss and gradients) are checked against autograd of the reference before timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltakern import bench_providers as bp
+
+SHAPES = [(256, 1000), (1024, 5000)]  # (B, K), D = 512, float32
+
+
+def _bench(benchmark, case, provider_name):
+    providers = bp.loss_providers(case.device)
+    if provider_name not in providers:
+        pytest.skip(f"{provider_name} is not available: {bp.loss_modules_status(case.device)}")
+    inputs = bp.make_inputs(case)[0]
+    step = providers[provider_name].factory(case)
+    out = step(*inputs)
+    if providers[provider_name].checked and not providers[provider_name].reference:
+        reference = providers["autograd-reference"].factory(case)
+        bp.check_output(case, out, reference(*inputs), inputs)
+    benchmark.extra_info.update(provider=provider_name, shape=case.shape(), flops=case.flops(), rows=case.n)
+    if case.device == "cuda":
+        def call():
+            step(*inputs)
+            torch.cuda.synchronize()
+
+        benchmark(call)
+    else:
+        benchmark(step, *inputs)
+
+
+@pytest.mark.parametrize("provider", ["deltakern-fused", "autograd-reference", "torch.mm-fwd-bwd"])
+@pytest.mark.parametrize("b,k", SHAPES, ids=[f"B{b}-K{k}" for b, k in SHAPES])
+def test_loss_cpu(benchmark, provider, b, k):
+    benchmark.group = f"loss cpu B={b} K={k}"
+    _bench(benchmark, bp.loss_case(b, k), provider)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("provider", ["deltakern-fused", "autograd-reference", "torch.mm-fwd-bwd"])
+def test_loss_cuda(benchmark, provider):
+    benchmark.group = "loss cuda B=65536 K=20000"
+    _bench(benchmark, bp.loss_case(65_536, 20_000, device="cuda"), provider)
