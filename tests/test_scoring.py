@@ -149,3 +149,13 @@ def test_reference_chunking_does_not_change_results():
     torch.testing.assert_close(whole[0], chunked[0], rtol=1e-6, atol=1e-5)
     assert torch.equal(whole[1], chunked[1])
     torch.testing.assert_close(whole[2], chunked[2], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("c", [1, 2, 7, 40])
+def test_reference_top_c_equals_a_stable_full_sort_under_heavy_ties(c):
+    g = torch.Generator().manual_seed(c)
+    logits = torch.randint(0, 5, (300, 40), generator=g).double()  # many exact ties per row
+    values, indices = reference.top_c(logits, c)
+    want = torch.sort(logits, dim=1, descending=True, stable=True)
+    assert torch.equal(values, want.values[:, :c])
+    assert torch.equal(indices, want.indices[:, :c])
