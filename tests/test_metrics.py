@@ -294,16 +294,3 @@ def test_bad_input_names_the_argument(call, exc, words):
 
 def test_public_module_name():
     assert dk.metrics is M and "metrics" in dk.__all__
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_scores_stay_on_device_and_agree():
-    id_s, ood_s = random_case(9, 5000, 4000, 100)
-    cpu = M.ood_metrics(id_s, ood_s)
-    gpu = M.ood_metrics(torch.from_numpy(id_s).cuda(), torch.from_numpy(ood_s).cuda())
-    assert gpu == pytest.approx(cpu, rel=RTOL)
-    fpr, _, _ = M.roc_curve(torch.from_numpy(id_s).cuda(), torch.from_numpy(ood_s).cuda())
-    assert fpr.is_cuda
-    with pytest.raises(ValueError, match="same device"):
-        M.auroc(torch.from_numpy(id_s).cuda(), torch.from_numpy(ood_s))
