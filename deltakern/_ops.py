@@ -51,6 +51,9 @@ def registered_ops() -> dict[str, list[str]]:
     """``{op: [dispatch keys with a kernel]}`` for every deltakern op (for ``deltakern env``)."""
     if not ensure_registered():
         return {}
+    from . import loss  # its ops get their fake kernels on first use; list them complete
+
+    loss._register()
     keys = ("CPU", "CUDA", "Meta", "Autograd", "AutogradCPU", "AutogradCUDA")
     names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("deltakern::")]
     ops = {}
