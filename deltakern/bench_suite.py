@@ -10,8 +10,6 @@ throughput derived. A provider whose answer is wrong is refused: its row has sta
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +29,7 @@ from .bench_providers import (
     providers_for,
     score_case,
 )
+from ._atomic import atomic_path
 
 SUITE_CEILING = {"score": "torch.mm", "loss": "torch.mm-fwd-bwd"}
 SUITE_BASELINE = {"score": "eager", "loss": "autograd-reference"}
@@ -219,15 +218,8 @@ def run_suite(
 
 
 def _atomic_trace(prof, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        prof.export_chrome_trace(str(tmp))
     return path
 
 

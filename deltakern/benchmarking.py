@@ -29,17 +29,16 @@ import gc
 import io
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from ._atomic import write_text
 
 SCHEMA = "deltakern-bench/1"
 
@@ -475,26 +474,6 @@ def new_row(**fields: Any) -> dict:
 # ----------------------------------------------------------------------------- output
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _json_number(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -507,19 +486,19 @@ def write_results(rows: list[dict], out_dir: str | Path, *, name: str = "results
     clean = [{k: _json_number(v) for k, v in row.items()} for row in rows]
     doc = {"schema": SCHEMA, "meta": meta or {}, "fields": list(ROW_FIELDS), "rows": clean}
     json_path, csv_path = out_dir / f"{name}.json", out_dir / f"{name}.csv"
-    _atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS))
     writer.writeheader()
     writer.writerows(clean)
-    _atomic_write_text(csv_path, buf.getvalue())
+    write_text(csv_path, buf.getvalue())
     return json_path, csv_path
 
 
 def write_json(path: str | Path, doc: Any) -> Path:
     """Write ``doc`` as indented JSON atomically (for measurements outside the row schema)."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
+    write_text(path, json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
     return path
 
 

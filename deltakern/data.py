@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from ._atomic import atomic_path
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -312,13 +313,12 @@ def write_feature_shard(path: str | os.PathLike, embeddings: torch.Tensor, ids: 
 
     if embeddings.shape[0] != len(ids) or len(ids) != len(sources):
         raise ValueError(f"embeddings has {embeddings.shape[0]} rows but {len(ids)} ids and {len(sources)} sources")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    save_file(
-        {FEATURE_KEY: embeddings.detach().cpu().contiguous()},
-        tmp,
-        metadata={"ids": json.dumps(list(ids)), "sources": json.dumps(list(sources))},
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(
+            {FEATURE_KEY: embeddings.detach().cpu().contiguous()},
+            str(tmp),
+            metadata={"ids": json.dumps(list(ids)), "sources": json.dumps(list(sources))},
+        )
 
 
 def read_feature_shard(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], list[str]]:

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ._validation import check_choice, check_finite_number, check_int_range, check_positive
+from ._atomic import atomic_path, write_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -58,17 +59,6 @@ MANIFEST_VERSION = 1
 
 
 # ---- small utilities ----------------------------------------------------------------------------
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -226,14 +216,14 @@ class RunDir:
         return _read_json(self.record_path(index))
 
     def write_record(self, index: int, record: dict[str, Any]) -> None:
-        write_json_atomic(self.record_path(index), record)
+        write_json(self.record_path(index), record)
 
     def claim(self, args: dict[str, Any], what: str) -> str | None:
         """Create ``run.json`` with ``args``, or check it matches; the refusal message or None."""
         self.path.mkdir(parents=True, exist_ok=True)
         run_file = self.path / RUN_FILE
         if not run_file.is_file():
-            write_json_atomic(run_file, {"args": args})
+            write_json(run_file, {"args": args})
             return None
         previous = _read_json(run_file).get("args", {})
         changed = [
@@ -510,7 +500,7 @@ def run_encode(
                 "timing": _sum_timings([r["timing"] for r in records]),
                 "last_run": total,
             }
-            write_json_atomic(run.path / "manifest.json", manifest)
+            write_json(run.path / "manifest.json", manifest)
             return manifest
 
         return _finish(rt, stats, finalize)
@@ -680,20 +670,17 @@ def scores_table(ids: Sequence[str], sources: Sequence[str], result: Any, names:
 def _write_parquet_atomic(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def merge_parts(parts: Sequence[Path], out: Path, schema: Any) -> None:
     """Concatenate parquet parts in order into ``out`` (atomically), one part in memory at a time."""
     import pyarrow.parquet as pq
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
             writer.write_table(pq.read_table(part, schema=schema))
-    os.replace(tmp, out)
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path, Path]:
@@ -875,7 +862,7 @@ def run_score(
                 "timing": _sum_timings([r["timing"] for r in records]),
                 "last_run": total,
             }
-            write_json_atomic(manifest_path, manifest)
+            write_json(manifest_path, manifest)
             return manifest
 
         return _finish(rt, stats, finalize)

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,39 +22,13 @@ import torch
 
 from . import metrics
 from .evaluation import MEAN_SET, Evaluation, score_label
+from ._atomic import write_bytes, write_text
 
 CSV_COLUMNS = (
     "score", "ood_set", "auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_ood_positive", "threshold", "n_id", "n_ood",
 )
 ROC_DRAW_POINTS = 4000  # points drawn per ROC curve (drawing only; metrics use the full curve)
 HIST_BINS = 100
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def safe_name(name: str) -> str:
@@ -139,7 +112,7 @@ def _figure(width: float = 6.4, height: float = 4.2):
 def _save_png(fig, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return write_bytes(path, buffer.getvalue())
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -245,8 +218,8 @@ def write_report(
     meta = dict(meta or {})
     meta["plots"] = [p.name for p in pngs] if skipped is None else f"skipped: {skipped}"
     files = [
-        atomic_write_text(out / "metrics.json", metrics_json(evaluation, meta)),
-        atomic_write_text(out / "metrics.csv", metrics_csv(evaluation)),
-        atomic_write_text(out / "report.md", report_markdown(evaluation, meta, [p.name for p in pngs])),
+        write_text(out / "metrics.json", metrics_json(evaluation, meta)),
+        write_text(out / "metrics.csv", metrics_csv(evaluation)),
+        write_text(out / "report.md", report_markdown(evaluation, meta, [p.name for p in pngs])),
     ]
     return {"files": [str(p) for p in files + pngs], "plots_skipped": skipped}

@@ -26,11 +26,9 @@ import contextlib
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,6 +42,7 @@ from ._validation import (
     check_open_unit,
     check_positive,
 )
+from ._atomic import atomic_path
 
 CHECKPOINT_FORMAT = "deltakern-prompts"
 CHECKPOINT_VERSION = 1
@@ -270,19 +269,8 @@ class PromptLearner(nn.Module):
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     """Write a file through ``write(fileobj)`` into a temporary sibling, then rename it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence, Union
 
 import torch
+from ._atomic import atomic_path
 
 Template = Union[str, Callable[[str], str]]
 TEMPLATE_PRESETS = ("openai", "simple", "single")
@@ -191,8 +192,6 @@ def cached_class_embeddings(
     if path.is_file():
         return load_file(str(path))["class_embeddings"].to(clip.device)
     W = build_class_embeddings(clip.model, clip.tokenizer, classnames, templates, device=clip.device, **build_kwargs)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"class_embeddings": W.cpu()}, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"class_embeddings": W.cpu()}, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
     return W
