@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from . import _ext, _ops
-from ._validation import check_bool, check_choice, check_finite_number, check_open_unit, check_positive
-from .loss_reference import CE_ON, REDUCTIONS, TARGETS, combine, masked_count, per_row_parts, validate
+from .loss_reference import combine, masked_count, per_row_parts, validate, validate_settings
 
 _registered = False
 
@@ -175,15 +174,10 @@ class EBMLoss(nn.Module):
     ) -> None:
         super().__init__()
         # Checked here too, so a bad setting fails where the module is built.
-        check_positive("temperature", temperature)
-        check_finite_number("lam", lam)
-        check_open_unit("mask_ratio", mask_ratio)
-        check_finite_number("reset", reset)
-        check_choice("target", target, TARGETS)
-        check_choice("ce_on", ce_on, CE_ON)
-        check_bool("normalize", normalize)
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_bool("return_parts", return_parts)
+        validate_settings(
+            temperature=temperature, lam=lam, mask_ratio=mask_ratio, reset=reset, target=target,
+            ce_on=ce_on, normalize=normalize, reduction=reduction, return_parts=return_parts,
+        )
         self.temperature = temperature
         self.lam = lam
         self.mask_ratio = mask_ratio

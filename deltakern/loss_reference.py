@@ -15,11 +15,10 @@ import torch
 from ._validation import (
     check_bool,
     check_choice,
-    check_embeddings,
     check_finite_number,
+    check_inputs,
     check_labels,
     check_open_unit,
-    check_pair,
     check_positive,
 )
 from .reference import accumulation_dtype, prepare
@@ -38,10 +37,7 @@ def masked_count(mask_ratio: float, dim: int) -> int:
     return min(dim, max(1, math.ceil(round(mask_ratio * dim, 9))))
 
 
-def validate(
-    X: object,
-    W: object,
-    labels: object,
+def validate_settings(
     *,
     temperature: object,
     lam: object,
@@ -53,23 +49,27 @@ def validate(
     reduction: object,
     return_parts: object,
 ) -> dict:
-    """Check every argument of the EBM loss (SPEC.md §6); return them normalised to plain types."""
-    normalize = check_bool("normalize", normalize)
-    X = check_embeddings("X", X, normalize=normalize)
-    W = check_embeddings("W", W, normalize=normalize)
-    check_pair(X, W)
+    """Check the scalar settings of the EBM loss (SPEC.md §6); return them as plain types."""
     return dict(
-        labels=check_labels(labels, X.shape[0], W.shape[0], X.device),
         temperature=check_positive("temperature", temperature),
         lam=check_finite_number("lam", lam),
         mask_ratio=check_open_unit("mask_ratio", mask_ratio),
         reset=check_finite_number("reset", reset),
         target=check_choice("target", target, TARGETS),
         ce_on=check_choice("ce_on", ce_on, CE_ON),
-        normalize=normalize,
+        normalize=check_bool("normalize", normalize),
         reduction=check_choice("reduction", reduction, REDUCTIONS),
         return_parts=check_bool("return_parts", return_parts),
     )
+
+
+def validate(X: object, W: object, labels: object, **settings: object) -> dict:
+    """Check every argument of the EBM loss (SPEC.md §6); return the settings as plain types
+    plus ``labels`` as int64."""
+    normalize = check_bool("normalize", settings.get("normalize"))
+    X, W = check_inputs(X, W, normalize=normalize)
+    labels = check_labels(labels, X.shape[0], W.shape[0], X.device)
+    return dict(labels=labels, **validate_settings(**settings))
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
