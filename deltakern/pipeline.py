@@ -34,8 +34,6 @@ dying mid-run.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import hashlib
 import json
 import math
@@ -49,211 +47,12 @@ import torch
 
 from ._validation import check_choice, check_finite_number, check_int_range, check_positive
 from ._atomic import atomic_path, write_json
+from .rundir import RunDir, read_json
+from .runtime import TIMING_KEYS, Runtime, SectionTimer, make_runtime, sum_timings  # noqa: F401 - TIMING_KEYS names the manifest's timing fields
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-RUN_FILE = "run.json"
 FAULT_ENV = "DELTAKERN_FAULT_EXIT_AFTER_SHARDS"
-DIST_TIMEOUT_ENV = "DELTAKERN_DIST_TIMEOUT_S"
 MANIFEST_VERSION = 1
-
-
-# ---- small utilities ----------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-class SectionTimer:
-    """Seconds per named section; CUDA sections are timed with events, read at :meth:`totals`
-    (after the work has been synchronised anyway), so timing adds no host syncs."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-        self._events: list[tuple[str, Any, Any]] = []
-
-    @contextlib.contextmanager
-    def section(self, name: str) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((name, start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.add(name, time.perf_counter() - t0)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def totals(self) -> dict[str, float]:
-        for name, start, end in self._events:
-            end.synchronize()
-            self.add(name, start.elapsed_time(end) / 1000.0)
-        self._events.clear()
-        return dict(self.seconds)
-
-
-TIMING_KEYS = ("decode_s", "data_wait_s", "encode_s", "score_s", "write_s")
-
-
-def _sum_timings(timings: Sequence[dict[str, float]]) -> dict[str, float]:
-    return {k: round(sum(t.get(k, 0.0) for t in timings), 6) for k in TIMING_KEYS}
-
-
-# ---- runtime: device, precision, ranks ----------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    """Where and how this process runs: device, autocast dtype, rank and world size."""
-
-    device: torch.device
-    precision: str  # resolved: fp32, bf16 or fp16
-    rank: int = 0
-    world_size: int = 1
-    owns_process_group: bool = False
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-
-    def autocast(self):
-        dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world_size == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (a collective: it also waits for all ranks, like a barrier)."""
-        if self.world_size == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.owns_process_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def make_runtime(device: str = "auto", precision: str = "auto", dist_backend: str | None = None) -> Runtime:
-    """Resolve the device and precision; join the process group when started by ``torchrun``.
-
-    ``device="auto"`` is CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else CPU.
-    ``precision="auto"`` is bf16 autocast on CUDA (fp16 where bf16 is unsupported), fp32 on CPU.
-    """
-    check_choice("precision", precision, PRECISIONS)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not isinstance(device, str) or not device:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if precision == "auto":
-        precision = "fp32"
-        if dev.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    rt = Runtime(device=dev, precision=precision)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = dist_backend or ("nccl" if dev.type == "cuda" else "gloo")
-            timeout = datetime.timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, "7200")))
-            dist.init_process_group(backend=backend, timeout=timeout)
-            rt.owns_process_group = True
-        rt.rank, rt.world_size = dist.get_rank(), dist.get_world_size()
-    return rt
-
-
-# ---- run directory: the resumable record of finished shards -------------------------------------
-
-
-class RunDir:
-    """A directory of per-shard outputs ``{prefix}-{i:05d}{suffix}`` and their JSON records."""
-
-    def __init__(self, path: str | os.PathLike, prefix: str, suffix: str):
-        self.path = Path(path)
-        self.prefix, self.suffix = prefix, suffix
-
-    def output(self, index: int) -> Path:
-        return self.path / f"{self.prefix}-{index:05d}{self.suffix}"
-
-    def record_path(self, index: int) -> Path:
-        return self.path / f"{self.prefix}-{index:05d}.json"
-
-    def is_done(self, index: int) -> bool:
-        return self.record_path(index).is_file() and self.output(index).is_file()
-
-    def record(self, index: int) -> dict[str, Any]:
-        return _read_json(self.record_path(index))
-
-    def write_record(self, index: int, record: dict[str, Any]) -> None:
-        write_json(self.record_path(index), record)
-
-    def claim(self, args: dict[str, Any], what: str) -> str | None:
-        """Create ``run.json`` with ``args``, or check it matches; the refusal message or None."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        run_file = self.path / RUN_FILE
-        if not run_file.is_file():
-            write_json(run_file, {"args": args})
-            return None
-        previous = _read_json(run_file).get("args", {})
-        changed = [
-            _describe_change(k, previous.get(k), args.get(k))
-            for k in sorted(set(previous) | set(args))
-            if previous.get(k) != args.get(k)
-        ]
-        if not changed:
-            return None
-        return (
-            f"{what} in {self.path} was started with different arguments; refusing to mix them "
-            f"({'; '.join(changed)}). Rerun with the original arguments to resume, or choose "
-            f"another --out (or delete {self.path}) to start over."
-        )
-
-
-# run.json keys whose values are fingerprints, and what a user changed to alter them
-_FINGERPRINTS = {
-    "images_fingerprint": "the images of --images",
-    "features_fingerprint": "the feature shards of --features",
-    "classnames_sha256": "the class names (--classes/--imagenet)",
-    "templates_sha256": "the prompt templates (--templates)",
-    "prompts": "the --prompts checkpoint",
-}
-
-
-def _describe_change(key: str, before: Any, now: Any) -> str:
-    if key in _FINGERPRINTS:
-        return f"{_FINGERPRINTS[key]} changed"
-    return f"--{key.replace('_', '-')}: {before!r} before, {now!r} now"
 
 
 # ---- encoding images, shard by shard ------------------------------------------------------------
@@ -366,7 +165,7 @@ def _finish(rt: Runtime, stats: dict[str, Any], finalize: Callable[[dict[str, An
         "setup_s": max(s["setup_s"] for s in all_stats),
         "wall_s": max(s["wall_s"] for s in all_stats),
         "world_size": rt.world_size,
-        **_sum_timings(all_stats),
+        **sum_timings(all_stats),
     }
     streaming_s = max(s["wall_s"] - s["setup_s"] for s in all_stats)
     total["images_per_s"] = total["images"] / streaming_s if streaming_s > 0 else 0.0
@@ -480,7 +279,7 @@ def run_encode(
             "shards_skipped": skipped,
             "setup_s": setup_s,
             "wall_s": time.perf_counter() - start,
-            **_sum_timings(timings),
+            **sum_timings(timings),
         }
 
         def finalize(total: dict[str, Any]) -> dict[str, Any]:
@@ -497,7 +296,7 @@ def run_encode(
                 "images": sum(r["images"] for r in records),
                 "shards": [{"index": r["index"], "file": r["file"], "rows": r["rows"]} for r in records],
                 "errors": [e for r in records for e in r["errors"]],
-                "timing": _sum_timings([r["timing"] for r in records]),
+                "timing": sum_timings([r["timing"] for r in records]),
                 "last_run": total,
             }
             write_json(run.path / "manifest.json", manifest)
@@ -535,7 +334,7 @@ def open_features(directory: str | os.PathLike) -> tuple[dict[str, Any], list[Fe
             f"features must be a directory written by `deltakern encode` (with manifest.json), "
             f"got {str(directory)!r} ({'no manifest.json: is the encode run finished?' if directory.is_dir() else 'not a directory'})"
         )
-    manifest = _read_json(manifest_path)
+    manifest = read_json(manifest_path)
     if manifest.get("kind") != "deltakern-features":
         raise ValueError(f"features: {manifest_path} is not a deltakern features manifest")
     return manifest, [FeatureShard(index=s["index"], path=directory / s["file"]) for s in manifest["shards"]]
@@ -839,7 +638,7 @@ def run_score(
             "shards_skipped": skipped,
             "setup_s": setup_s,
             "wall_s": time.perf_counter() - start,
-            **_sum_timings(timings),
+            **sum_timings(timings),
         }
 
         def finalize(total: dict[str, Any]) -> dict[str, Any]:
@@ -859,7 +658,7 @@ def run_score(
                 "images": sum(r["images"] for r in records),
                 "parts": [{"index": r["index"], "file": f"{parts_dir.name}/{r['file']}", "rows": r["rows"]} for r in records],
                 "errors": errors,
-                "timing": _sum_timings([r["timing"] for r in records]),
+                "timing": sum_timings([r["timing"] for r in records]),
                 "last_run": total,
             }
             write_json(manifest_path, manifest)
