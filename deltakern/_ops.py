@@ -10,12 +10,9 @@ from __future__ import annotations
 import torch
 
 from . import _ext
+from .reference import accumulation_dtype
 
 _registered = False
-
-
-def _acc_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
 
 
 def ensure_registered() -> bool:
@@ -28,7 +25,7 @@ def ensure_registered() -> bool:
 
     @torch.library.register_fake("deltakern::fused_score_state")
     def _fused_score_state_fake(x, w, inv_temp, c, normalize):
-        acc = _acc_dtype(x, w)
+        acc = accumulation_dtype(x, w)
         n = x.shape[0]
         return (
             x.new_empty((n, c), dtype=acc),

@@ -19,13 +19,10 @@ import torch
 from torch import nn
 
 from . import _ext, _ops
+from .reference import accumulation_dtype
 from .loss_reference import combine, masked_count, per_row_parts, validate, validate_settings
 
 _registered = False
-
-
-def _acc_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
 
 
 def _register() -> bool:
@@ -41,7 +38,7 @@ def _register() -> bool:
 
     @torch.library.register_fake("deltakern::ebm_loss_forward")
     def _forward_fake(x, w, labels, inv_temp, reset, mask_count, target_pred, ce_edited, normalize):
-        acc = _acc_dtype(x, w)
+        acc = accumulation_dtype(x, w)
         n = x.shape[0]
         row = x.new_empty((n,), dtype=acc)
         return (

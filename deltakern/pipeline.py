@@ -146,6 +146,40 @@ def _fault_hook(done_now: int) -> None:
         os._exit(75)  # abrupt, like a killed job: no cleanup, no flushing
 
 
+def _process_shards(
+    stream: Iterator[ShardEmbeddings], run: RunDir, write_shard: Callable[[ShardEmbeddings], None]
+) -> dict[str, Any]:
+    """Write each streamed shard's output, then its record (the shard is done exactly when the
+    record exists); return the counts and summed timings of this run."""
+    timings: list[dict[str, float]] = []
+    n_images = n_rows = n_errors = 0
+    with torch.inference_mode():
+        for done_now, shard in enumerate(stream, 1):
+            write_shard(shard)
+            timing = shard.timer.totals()
+            run.write_record(
+                shard.index,
+                {
+                    "index": shard.index,
+                    "file": run.output(shard.index).name,
+                    "rows": len(shard.ids),
+                    "images": shard.images,
+                    "errors": shard.errors,
+                    "timing": timing,
+                },
+            )
+            timings.append(timing)
+            n_images, n_rows, n_errors = n_images + shard.images, n_rows + len(shard.ids), n_errors + len(shard.errors)
+            _fault_hook(done_now)
+    return {
+        "images": n_images,
+        "rows": n_rows,
+        "errors": n_errors,
+        "shards_done_now": len(timings),
+        **sum_timings(timings),
+    }
+
+
 def _pending(shards: Sequence[Any], run: RunDir, rt: Runtime) -> tuple[list[Any], int]:
     """This rank's shards (``index % world_size == rank``) not yet done, and how many are done."""
     mine = [s for s in shards if s.index % rt.world_size == rt.rank]
@@ -245,41 +279,20 @@ def run_encode(
         _claim(run, rt, args, "the encode run")
         pending, skipped = _pending(shards, run, rt)
         setup_s = time.perf_counter() - start
-        timings, n_images, n_rows, n_errors = [], 0, 0, 0
-        with torch.inference_mode():
-            for done_now, shard in enumerate(
-                embed_shards(clip, pending, rt, batch_size=batch_size, workers=workers, progress=progress), 1
-            ):
-                X = shard.embeddings
-                if X.shape[0]:
-                    X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
-                t0 = time.perf_counter()
-                write_feature_shard(run.output(shard.index), X.to(FEATURE_DTYPES[dtype]), shard.ids, shard.sources)
-                shard.timer.add("write_s", time.perf_counter() - t0)
-                timing = shard.timer.totals()
-                run.write_record(
-                    shard.index,
-                    {
-                        "index": shard.index,
-                        "file": run.output(shard.index).name,
-                        "rows": len(shard.ids),
-                        "images": shard.images,
-                        "errors": shard.errors,
-                        "timing": timing,
-                    },
-                )
-                timings.append(timing)
-                n_images, n_rows, n_errors = n_images + shard.images, n_rows + len(shard.ids), n_errors + len(shard.errors)
-                _fault_hook(done_now)
+        def write_shard(shard: ShardEmbeddings) -> None:
+            X = shard.embeddings
+            if X.shape[0]:
+                X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
+            t0 = time.perf_counter()  # host I/O: wall time, not CUDA events
+            write_feature_shard(run.output(shard.index), X.to(FEATURE_DTYPES[dtype]), shard.ids, shard.sources)
+            shard.timer.add("write_s", time.perf_counter() - t0)
+
+        stream = embed_shards(clip, pending, rt, batch_size=batch_size, workers=workers, progress=progress)
         stats = {
-            "images": n_images,
-            "rows": n_rows,
-            "errors": n_errors,
-            "shards_done_now": len(timings),
+            **_process_shards(stream, run, write_shard),
             "shards_skipped": skipped,
             "setup_s": setup_s,
             "wall_s": time.perf_counter() - start,
-            **sum_timings(timings),
         }
 
         def finalize(total: dict[str, Any]) -> dict[str, Any]:
@@ -607,38 +620,18 @@ def run_score(
             stream = _feature_stream(pending, rt, read_feature_shard, progress)
         else:
             stream = embed_shards(clip, pending, rt, batch_size=batch_size, workers=workers, progress=progress)
-        timings, n_images, n_rows, n_errors = [], 0, 0, 0
-        with torch.inference_mode():
-            for done_now, shard in enumerate(stream, 1):
-                with shard.timer.section("score_s"):
-                    result = score_rows(shard.embeddings)
-                t0 = time.perf_counter()
-                _write_parquet_atomic(scores_table(shard.ids, shard.sources, result, names, c), run.output(shard.index))
-                shard.timer.add("write_s", time.perf_counter() - t0)
-                timing = shard.timer.totals()
-                run.write_record(
-                    shard.index,
-                    {
-                        "index": shard.index,
-                        "file": run.output(shard.index).name,
-                        "rows": len(shard.ids),
-                        "images": shard.images,
-                        "errors": shard.errors,
-                        "timing": timing,
-                    },
-                )
-                timings.append(timing)
-                n_images, n_rows, n_errors = n_images + shard.images, n_rows + len(shard.ids), n_errors + len(shard.errors)
-                _fault_hook(done_now)
+        def write_shard(shard: ShardEmbeddings) -> None:
+            with shard.timer.section("score_s"):
+                result = score_rows(shard.embeddings)
+            t0 = time.perf_counter()  # host I/O: wall time, not CUDA events
+            _write_parquet_atomic(scores_table(shard.ids, shard.sources, result, names, c), run.output(shard.index))
+            shard.timer.add("write_s", time.perf_counter() - t0)
+
         stats = {
-            "images": n_images,
-            "rows": n_rows,
-            "errors": n_errors,
-            "shards_done_now": len(timings),
+            **_process_shards(stream, run, write_shard),
             "shards_skipped": skipped,
             "setup_s": setup_s,
             "wall_s": time.perf_counter() - start,
-            **sum_timings(timings),
         }
 
         def finalize(total: dict[str, Any]) -> dict[str, Any]:
