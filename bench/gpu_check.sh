@@ -4,6 +4,8 @@
 #
 #     bash bench/gpu_check.sh            # results under $OUT if set, else out/gpu_check
 #
+# Before: on a machine with PyPI, `bash bench/fetch_gpu_wheels.sh` (open_clip wheels for the GPU
+# image, into the git-ignored .gpu_wheels/, which must travel with the checkout).
 # Steps: build the extension against the installed torch; run the GPU tests; the GPU scoring
 # table (Triton vs eager vs torch.compile vs torch.mm); the fused EBM loss at B = 65,536; the
 # image pipeline's throughput (only when open_clip is importable). Each step has its own
@@ -101,6 +103,13 @@ step score_table 150 $PY bench/bench_gpu_score.py --k 1000 20000 10 --dtype bflo
 step loss 50 $PY bench/bench_loss.py --device cuda --shapes 65536x20000 4096x20000 --out "$RESULTS"
 
 # --- 5. image pipeline throughput (synthetic images; needs open_clip) -------------------------
+# The GPU image has no open_clip and no network: install the wheels that
+# bench/fetch_gpu_wheels.sh put in .gpu_wheels/ (carried along with the checkout) when present.
+if [[ -d .gpu_wheels ]] && ! $PY -c "import open_clip" >/dev/null 2>&1; then
+    $PY -m pip install --quiet --no-index --no-deps --find-links .gpu_wheels \
+        open_clip_torch ftfy wcwidth regex tabulate >/dev/null 2>&1 \
+        || SUMMARY+=("pipeline: could not install the wheels in .gpu_wheels")
+fi
 if $PY -c "import open_clip" >/dev/null 2>&1; then
     step pipeline 45 $PY bench/bench_pipeline.py --device cuda --images 2048 --batch-size 256 --workers 8 --out "$RESULTS"
 else
