@@ -74,9 +74,7 @@ def resolve_backend(backend: str, device: torch.device | str, c: int = 1) -> str
 def _state(X, W, *, temperature, c, normalize, backend, allow_tf32):
     if backend == "cpp":
         return _ops.fused_score_state(X, W, 1.0 / temperature, c, normalize)
-    # The Triton kernel multiplies in float32 at most; float64 inputs keep float64 end to end
-    # through the reference (documented in the README's Triton section).
-    if backend == "triton" and torch.float64 not in (X.dtype, W.dtype):
+    if backend == "triton":
         from .kernels import fused_score  # lazy: imports triton
 
         return fused_score.fused_score_state(
@@ -112,6 +110,12 @@ def score_modes(
     modes = tuple(check_choice("mode", m, MODES) for m in modes)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     chosen = resolve_backend(backend, X.device, c)
+    if chosen == "triton" and torch.float64 in (X.dtype, W.dtype):
+        # The Triton kernel multiplies in float32 at most; float64 inputs keep float64 end to
+        # end through the reference. Say so when Triton was asked for by name.
+        if backend == "triton":
+            warnings.warn("float64 inputs are scored by the reference backend (the Triton kernel is float32 at most)", stacklevel=2)
+        chosen = "reference"
     top_v, top_i, outside = _state(
         X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
     )

@@ -208,7 +208,8 @@ def test_c_above_limit_warns_and_matches_reference():
 
 def test_float64_inputs_stay_float64():
     X, W = make_inputs(5, 70, 16, seed=42, dtype=torch.float64)
-    got = dk.score(X, W, c=3, reset=0.1, backend="triton")
+    with pytest.warns(UserWarning, match="float64 inputs are scored by the reference"):
+        got = dk.score(X, W, c=3, reset=0.1, backend="triton")
     want = scores64(X, W, c=3, reset=0.1)
     assert got.delta_energy.dtype == torch.float64
     torch.testing.assert_close(got.delta_energy, want["delta_energy"], rtol=1e-10, atol=1e-10)
