@@ -147,10 +147,16 @@ def _fault_hook(done_now: int) -> None:
 
 
 def _process_shards(
-    stream: Iterator[ShardEmbeddings], run: RunDir, write_shard: Callable[[ShardEmbeddings], None]
+    stream: Iterator[ShardEmbeddings],
+    run: RunDir,
+    write_shard: Callable[[ShardEmbeddings], None],
+    *,
+    skipped: int,
+    setup_s: float,
+    start: float,
 ) -> dict[str, Any]:
     """Write each streamed shard's output, then its record (the shard is done exactly when the
-    record exists); return the counts and summed timings of this run."""
+    record exists); return this run's stats: counts, summed timings, setup and wall seconds."""
     timings: list[dict[str, float]] = []
     n_images = n_rows = n_errors = 0
     with torch.inference_mode():
@@ -176,6 +182,9 @@ def _process_shards(
         "rows": n_rows,
         "errors": n_errors,
         "shards_done_now": len(timings),
+        "shards_skipped": skipped,
+        "setup_s": setup_s,
+        "wall_s": time.perf_counter() - start,
         **sum_timings(timings),
     }
 
@@ -283,17 +292,11 @@ def run_encode(
             X = shard.embeddings
             if X.shape[0]:
                 X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
-            t0 = time.perf_counter()  # host I/O: wall time, not CUDA events
-            write_feature_shard(run.output(shard.index), X.to(FEATURE_DTYPES[dtype]), shard.ids, shard.sources)
-            shard.timer.add("write_s", time.perf_counter() - t0)
+            with shard.timer.host_section("write_s"):
+                write_feature_shard(run.output(shard.index), X.to(FEATURE_DTYPES[dtype]), shard.ids, shard.sources)
 
         stream = embed_shards(clip, pending, rt, batch_size=batch_size, workers=workers, progress=progress)
-        stats = {
-            **_process_shards(stream, run, write_shard),
-            "shards_skipped": skipped,
-            "setup_s": setup_s,
-            "wall_s": time.perf_counter() - start,
-        }
+        stats = _process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
 
         def finalize(total: dict[str, Any]) -> dict[str, Any]:
             records = _all_records(run, shards)
@@ -623,16 +626,10 @@ def run_score(
         def write_shard(shard: ShardEmbeddings) -> None:
             with shard.timer.section("score_s"):
                 result = score_rows(shard.embeddings)
-            t0 = time.perf_counter()  # host I/O: wall time, not CUDA events
-            _write_parquet_atomic(scores_table(shard.ids, shard.sources, result, names, c), run.output(shard.index))
-            shard.timer.add("write_s", time.perf_counter() - t0)
+            with shard.timer.host_section("write_s"):
+                _write_parquet_atomic(scores_table(shard.ids, shard.sources, result, names, c), run.output(shard.index))
 
-        stats = {
-            **_process_shards(stream, run, write_shard),
-            "shards_skipped": skipped,
-            "setup_s": setup_s,
-            "wall_s": time.perf_counter() - start,
-        }
+        stats = _process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
 
         def finalize(total: dict[str, Any]) -> dict[str, Any]:
             records = _all_records(run, shards)

@@ -40,6 +40,13 @@ class SectionTimer:
             yield
             self.add(name, time.perf_counter() - t0)
 
+    @contextlib.contextmanager
+    def host_section(self, name: str) -> Iterator[None]:
+        """Wall-clock seconds of host work (file I/O), whatever the device."""
+        t0 = time.perf_counter()
+        yield
+        self.add(name, time.perf_counter() - t0)
+
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
