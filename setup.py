@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 from setuptools import setup
 

@@ -1,4 +1,4 @@
-"""Fused C++ CPU scoring vs plain eager PyTorch vs the reference (DESIGN.md §5 targets).
+"""Fused C++ CPU scoring vs plain eager PyTorch vs the reference (targets of docs/architecture.md §5).
 
 Default shape: N = 200,000 rows, D = 512, K = 1000 classes, float32, on this CPU. Targets:
 ``deltakern-cpp`` at least 2x faster than eager, and its peak extra memory below 5% of eager's.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deltakern import bench_suite as bs
-from deltakern import benchmarking as bm
+from deltakern import bench as bm
+from deltakern.bench import suite as bs
 
 
 def main(argv: list[str] | None = None) -> int:

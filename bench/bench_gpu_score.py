@@ -6,7 +6,7 @@ between calls) at N = 1,000,000, D = 512, K in {10, 1000, 20000}, bfloat16 and f
 Columns: ms, rows/s, TFLOP/s, % of the measured torch.mm rate, speedup vs eager, peak memory.
 Eager needs the full [N, K] float32 logits; where they do not fit it runs over row blocks and
 its row says so. Outputs are checked against the reference on 65,536 rows spread over N.
-Targets (DESIGN.md §4) at K = 1000, bf16: >= 60% of torch.mm's rate and >= 8x faster than eager.
+Targets (docs/architecture.md §4) at K = 1000, bf16: >= 60% of torch.mm's rate and >= 8x faster than eager.
 
     python bench/bench_gpu_score.py [--n 1000000] [--k 10 1000 20000] [--dtype bfloat16 float32]
 
@@ -20,8 +20,8 @@ import sys
 
 import torch
 
-from deltakern import bench_suite as bs
-from deltakern import benchmarking as bm
+from deltakern import bench as bm
+from deltakern.bench import suite as bs
 
 PROVIDERS = ("deltakern-triton", "eager", "compile-reference", "torch.mm")
 

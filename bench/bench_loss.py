@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from deltakern import bench_suite as bs
-from deltakern import benchmarking as bm
+from deltakern import bench as bm
+from deltakern.bench import suite as bs
 
 CPU_SHAPES = ((4096, 20_000), (256, 1000))
 GPU_SHAPES = CPU_SHAPES + ((65_536, 20_000),)

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from deltakern import benchmarking as bm
+from deltakern import bench as bm
+from deltakern.data.atomic import write_json
 
 
 def make_scores(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "result": result, "command": " ".join(["python", "bench/bench_metrics.py"] + (argv if argv is not None else sys.argv[1:])),
         **bm.environment(),
     }
-    path = bm.write_json(f"{args.out}/metrics.json", doc)
+    path = write_json(f"{args.out}/metrics.json", doc, indent=2, allow_nan=False, default=str)
     mem = "-" if peak is None else f"{peak / 2**20:.0f} MB"
     print(f"ood_metrics on {args.n:,} ID + {args.n:,} OOD float32 scores: median {doc['median_s']:.2f} s "
           f"(min {doc['min_s']:.2f} s, {timing.repeats} runs; target < 20 s), peak extra memory {mem}")

@@ -19,7 +19,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from deltakern import benchmarking as bm
+from deltakern import bench as bm
+from deltakern.data.atomic import write_json
 
 
 def make_images(root: Path, n: int, size: int, seed: int = 0) -> None:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default="out/bench", help="output directory")
     args = p.parse_args(argv)
-    from deltakern.pipeline import run_score
+    from deltakern.pipeline import ScoreSettings, run_score
 
     with tempfile.TemporaryDirectory(prefix="deltakern-bench-images-") as tmp:
         root = Path(tmp)
@@ -53,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         (root / "classes.txt").write_text("".join(f"class {i}\n" for i in range(args.classes)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random weights are the point here
-            stats = run_score(
+            settings = ScoreSettings(
                 out=str(root / "scores.parquet"), model=args.model, pretrained="none", images=str(root / "images"),
                 classes=str(root / "classes.txt"), batch_size=args.batch_size, workers=args.workers,
-                device=args.device, shard_size=max(args.images, 1), progress=False,
+                device=args.device, shard_size=max(args.images, 1),
             )
+            stats = run_score(settings, progress=False)
     keys = ("images", "errors", "wall_s", "setup_s", "decode_s", "data_wait_s", "encode_s", "score_s", "write_s", "images_per_s")
     doc = {
         "benchmark": "deltakern score (images)", "model": args.model, "device": args.device,
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "bench/bench_pipeline.py"] + (argv if argv is not None else sys.argv[1:])),
         **bm.environment(),
     }
-    path = bm.write_json(f"{args.out}/pipeline_{args.device}.json", doc)
+    path = write_json(f"{args.out}/pipeline_{args.device}.json", doc, indent=2, allow_nan=False, default=str)
     streaming = doc["wall_s"] - doc["setup_s"]
     print(f"{doc['images']} images in {streaming:.2f} s of streaming -> {doc['images_per_s']:.1f} images/s "
           f"({args.model}, {args.device}, batch {args.batch_size}, {args.workers} workers)")

@@ -1,5 +1,5 @@
 """Prompt-tuning steps/s and peak memory for the tiny open_clip model, with and without
-``--cache-image-features`` (uses ``deltakern.train.benchmark_steps``: a step encodes the batch
+``--cache-image-features`` (uses ``deltakern.prompt.benchmark_steps``: a step encodes the batch
 with the frozen image tower unless the features are cached, runs the text tower over the class
 prompts, the EBM loss, backward and an SGD step).
 
@@ -16,11 +16,12 @@ import sys
 
 import torch
 
-from deltakern import benchmarking as bm
+from deltakern import bench as bm
+from deltakern.data.atomic import write_json
 
 
 def _steps(clip, args, cache: bool) -> dict:
-    from deltakern.train import benchmark_steps
+    from deltakern.prompt import benchmark_steps
 
     return benchmark_steps(clip, args["classes"], batch_size=args["batch_size"], steps=args["steps"],
                            warmup_steps=2, cache_image_features=cache)
@@ -28,7 +29,7 @@ def _steps(clip, args, cache: bool) -> dict:
 
 def train_call(model: str, device: str, args: dict, cache: bool):
     """The measured call (built in the memory child): the model is loaded before it runs."""
-    from deltakern.clip_models import load_model
+    from deltakern.clip.models import load_model
 
     clip = load_model(model, "none", device=device)
     return lambda: _steps(clip, args, cache)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import warnings
 
-    from deltakern.clip_models import load_model
+    from deltakern.clip.models import load_model
 
     settings = {"classes": args.classes, "batch_size": args.batch_size, "steps": args.steps}
     with warnings.catch_warnings():
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "bench/bench_train.py"] + (argv if argv is not None else sys.argv[1:])),
         **bm.environment(),
     }
-    path = bm.write_json(f"{args.out}/train_{args.device}.json", doc)
+    path = write_json(f"{args.out}/train_{args.device}.json", doc, indent=2, allow_nan=False, default=str)
     from tabulate import tabulate
 
     print(tabulate([[r["cache_image_features"], f"{r['steps_per_s']:.2f}", f"{r['median_step_ms']:.1f}",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single GPU check (DESIGN.md §6), for a bare CUDA machine with PyTorch, Triton, pytest and
+# The single GPU check (docs/architecture.md §6), for a bare CUDA machine with PyTorch, Triton, pytest and
 # numpy preinstalled and no network. Run from the repository root:
 #
 #     bash bench/gpu_check.sh            # results under $OUT if set, else out/gpu_check
@@ -73,7 +73,7 @@ fi
 # means anything.
 NEED_CUDA_KERNELS=$(compgen -G "csrc/cuda/*.cu" >/dev/null && echo 1 || echo 0)
 step extension 30 $PY -c "
-import deltakern._ext as e, sys
+import deltakern.ops.extension as e, sys
 m = e.load()
 cuda = bool(m and m.built_with_cuda())
 print('deltakern._C loaded:', m is not None, '| CUDA kernels:', cuda, '|', e.unavailable_reason() or '')

@@ -1,6 +1,7 @@
 """pytest-benchmark suite for the EBM loss: forward + backward of each loss provider.
 
-Not collected by the default test command; run with ``pytest bench`` (see test_bench_scoring.py).
+Run once each, untimed, by the default test command; time them with
+``pytest bench --benchmark-enable`` (see test_bench_scoring.py).
 Outputs (loss and gradients) are checked against autograd of the reference before timing.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltakern import bench_providers as bp
+from deltakern.bench import providers as bp
 
 SHAPES = [(256, 1000), (1024, 5000)]  # (B, K), D = 512, float32
 

@@ -1,9 +1,10 @@
 """pytest-benchmark suite for scoring: every provider of ``deltakern bench`` on small shapes.
 
-Not collected by the default test command (``testpaths = ["tests"]``). Track regressions with
+The default test command runs each case once, as a test (``--benchmark-disable`` in
+pyproject.toml): outputs are checked, nothing is timed. Track regressions with
 
-    pytest bench --benchmark-autosave            # on the base commit
-    pytest bench --benchmark-compare             # on the new commit (compares with the last save)
+    pytest bench --benchmark-enable --benchmark-autosave     # on the base commit
+    pytest bench --benchmark-enable --benchmark-compare      # on the new commit
 
 Each provider's output is checked against the reference before it is benchmarked, so a
 regression in correctness fails instead of producing a number.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltakern import bench_providers as bp
+from deltakern.bench import providers as bp
 
 SHAPES = [(4096, 100), (4096, 1000)]  # (N, K), D = 512, float32, c = 1
 CPU_PROVIDERS = list(bp.score_providers("cpu"))

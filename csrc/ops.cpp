@@ -16,7 +16,7 @@ TORCH_LIBRARY(deltakern, m) {
       "fused_score_state(Tensor x, Tensor w, float inv_temp, int c, bool normalize) "
       "-> (Tensor, Tensor, Tensor)");
 
-  // EBM loss forward (SPEC.md §5). Per row: logits l = x_hat w_hat^T * inv_temp, target column
+  // EBM loss forward (docs/conventions.md §6). Per row: logits l = x_hat w_hat^T * inv_temp, target column
   // t (argmax of l when target_pred, ties to the lower class; else the label), the keep mask
   // (false on the mask_count largest entries of x_hat * w_hat_t, ties to the lower dimension),
   // the edited cosine s = sum(keep * x_hat * w_hat_t) before the clamp at `reset`, and the

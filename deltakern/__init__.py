@@ -4,9 +4,9 @@ Public names only; everything else lives in its own module. Importing deltakern 
 a GPU, nor Triton, nor the compiled extension, and never initialises CUDA.
 """
 
-from . import metrics
-from .loss import EBMLoss, ebm_loss
-from .scoring import (
+from deltakern import metrics
+from deltakern.loss import EBMLoss, ebm_loss
+from deltakern.scoring import (
     Scores,
     available_backends,
     delta_energy,

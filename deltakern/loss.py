@@ -1,4 +1,4 @@
-"""The EBM loss (SPEC.md §5): ``dk.ebm_loss`` and the ``dk.EBMLoss`` module.
+"""The EBM loss (docs/conventions.md §6): ``dk.ebm_loss`` and the ``dk.EBMLoss`` module.
 
 Per row, ``L = CE + lam · (LSE(ℓ̃) − LSE(ℓ))``, where ``ℓ̃`` equals the logits ``ℓ`` except that
 the target column holds the edited (masked, clamped) cosine over τ. Minimising the second term
@@ -9,8 +9,9 @@ Two paths compute it:
   (C++ on CPU, CUDA on GPU), which never hold more than a chunk of the ``[N, K]`` logits: the
   forward keeps O(N) numbers per row (and the [N, D] mask), the backward recomputes the logits
   chunk by chunk and turns each chunk into its logit gradient on the fly;
-- the plain-PyTorch reference (``deltakern.loss_reference``) when the extension is not loaded.
-Schemas are declared in csrc/ops.cpp; this module adds their fake kernels and autograd.
+- the plain-PyTorch reference (``deltakern.reference.loss``) when the extension is not loaded.
+Schemas are declared in csrc/ops.cpp; ``deltakern.ops.registry`` adds their fake kernels and
+autograd and is the only caller of the ops.
 """
 
 from __future__ import annotations
@@ -18,91 +19,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _ext, _ops
-from .reference import accumulation_dtype
-from .loss_reference import combine, masked_count, per_row_parts, validate, validate_settings
-
-_registered = False
-
-
-def _register() -> bool:
-    """Register fake kernels and autograd of the loss ops once; False without the extension."""
-    global _registered
-    if _registered:
-        return True
-    if not _ops.ensure_registered():
-        return False
-    names = torch._C._dispatch_get_all_op_names()
-    if "deltakern::ebm_loss_forward" not in names or "deltakern::ebm_loss_backward" not in names:
-        return False  # an extension built before the loss ops existed
-
-    @torch.library.register_fake("deltakern::ebm_loss_forward")
-    def _forward_fake(x, w, labels, inv_temp, reset, mask_count, target_pred, ce_edited, normalize):
-        acc = accumulation_dtype(x, w)
-        n = x.shape[0]
-        row = x.new_empty((n,), dtype=acc)
-        return (
-            row,  # ce
-            torch.empty_like(row),  # delta
-            torch.empty_like(row),  # lse
-            torch.empty_like(row),  # lse_other
-            x.new_empty((n,), dtype=torch.int64),  # target
-            torch.empty_like(row),  # edited cosine (before the clamp)
-            x.new_empty((n, x.shape[1]), dtype=torch.bool),  # keep mask
-        )
-
-    @torch.library.register_fake("deltakern::ebm_loss_backward")
-    def _backward_fake(
-        grad_ce, grad_delta, x, w, labels, target, lse, lse_other, edited, keep,
-        inv_temp, reset, ce_edited, normalize, needs_x, needs_w,
-    ):
-        dx = x.new_empty(x.shape if needs_x else (0,))
-        dw = w.new_empty(w.shape if needs_w else (0,))
-        return dx, dw
-
-    def _setup_context(ctx, inputs, output):
-        x, w, labels, inv_temp, reset, _count, _pred, ce_edited, normalize = inputs
-        _ce, _delta, lse, lse_other, target, edited, keep = output
-        ctx.save_for_backward(x, w, labels, target, lse, lse_other, edited, keep)
-        ctx.options = (inv_temp, reset, ce_edited, normalize)
-        ctx.mark_non_differentiable(lse, lse_other, target, edited, keep)
-
-    def _backward(ctx, grad_ce, grad_delta, *_unused):
-        x, w, labels, target, lse, lse_other, edited, keep = ctx.saved_tensors
-        inv_temp, reset, ce_edited, normalize = ctx.options
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (needs_x or needs_w):
-            return (None,) * 9
-        grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce
-        grad_delta = torch.zeros_like(lse) if grad_delta is None else grad_delta
-        dx, dw = torch.ops.deltakern.ebm_loss_backward(
-            grad_ce, grad_delta, x, w, labels, target, lse, lse_other, edited, keep,
-            inv_temp, reset, ce_edited, normalize, needs_x, needs_w,
-        )
-        return (dx if needs_x else None, dw if needs_w else None) + (None,) * 7
-
-    torch.library.register_autograd(
-        "deltakern::ebm_loss_forward", _backward, setup_context=_setup_context
-    )
-    _registered = True
-    return True
+from deltakern.core.ebm import combine, masked_count, validate, validate_settings
+from deltakern.ops import registry
+from deltakern.reference.loss import per_row_parts
 
 
 def fused_available(device: torch.device | str) -> bool:
     """True when the fused loss ops have a kernel for tensors on ``device``."""
-    if not _ext.available() or not _register():
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and _ops.has_kernel("ebm_loss_forward", key)
+    return registry.has_device_kernel("ebm_loss_forward", device)
 
 
 def _fused_parts(X, W, labels, *, temperature, mask_ratio, reset, target, ce_on, normalize):
     """Per-row ``(ce, delta)`` from the fused forward op (differentiable through its autograd)."""
-    out = torch.ops.deltakern.ebm_loss_forward(
-        X, W, labels, 1.0 / temperature, reset, masked_count(mask_ratio, X.shape[1]),
-        target == "pred", ce_on == "edited", normalize,
+    return registry.ebm_loss_parts(
+        X, W, labels, inv_temp=1.0 / temperature, reset=reset, mask_count=masked_count(mask_ratio, X.shape[1]),
+        target_pred=target == "pred", ce_edited=ce_on == "edited", normalize=normalize,
     )
-    return out[0], out[1]
 
 
 def ebm_loss(
@@ -120,7 +52,7 @@ def ebm_loss(
     reduction: str = "mean",
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy plus ``lam`` times a lower bound of −ΔE_1 (SPEC.md §5).
+    """Cross-entropy plus ``lam`` times a lower bound of −ΔE_1 (docs/conventions.md §6).
 
     ``X [N, D]`` are image embeddings, ``W [K, D]`` class embeddings, ``labels [N]`` integer
     classes in ``[0, K)``. Per row: logits ``ℓ = x̂ŵᵀ/τ``; the target column ``t`` is

@@ -1,4 +1,4 @@
-"""Exact, tie-aware OOD-detection metrics (SPEC.md §4).
+"""Exact, tie-aware OOD-detection metrics (docs/conventions.md §5).
 
 Scores are "higher = in-distribution". Every metric is computed from one sort of the
 concatenated ID and OOD scores: the ROC curve has one point per *distinct* score (ties are
@@ -23,13 +23,15 @@ Conventions (the OOD literature uses several; each one is named by an argument):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 
-from ._validation import check_choice, check_finite_number
+from deltakern.core.errors import InvalidArgument, InvalidArgumentType
+from deltakern.core.validation import check_choice, check_finite_number
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Any]
 
@@ -57,7 +59,7 @@ def _as_tensor(name: str, x: object) -> torch.Tensor:
         return x.detach()
     arr = np.asarray(x)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers (a torch tensor or numpy array), got dtype {arr.dtype}")
+        raise InvalidArgumentType(f"{name} must hold real numbers (a torch tensor or numpy array), got dtype {arr.dtype}")
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
@@ -74,29 +76,29 @@ def _check_scores(name: str, x: object) -> torch.Tensor:
     """A non-empty 1-D real tensor without NaN (±inf are allowed: they still rank)."""
     t = _as_tensor(name, x)
     if t.is_complex():
-        raise TypeError(f"{name} must hold real scores, got dtype {t.dtype}")
+        raise InvalidArgumentType(f"{name} must hold real scores, got dtype {t.dtype}")
     if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D [n], got shape {tuple(t.shape)}")
+        raise InvalidArgument(f"{name} must be 1-D [n], got shape {tuple(t.shape)}")
     if t.numel() == 0:
-        raise ValueError(f"{name} must hold at least one score, got an empty array")
+        raise InvalidArgument(f"{name} must hold at least one score, got an empty array")
     if t.dtype == torch.bool:
         t = t.to(torch.int8)
     if t.is_floating_point() and bool(torch.isnan(t).any()):
         count = int(torch.isnan(t).sum())
-        raise ValueError(f"{name} must not contain NaN, got {count} NaN value(s) among {t.numel()}")
+        raise InvalidArgument(f"{name} must not contain NaN, got {count} NaN value(s) among {t.numel()}")
     return t
 
 
 def _check_tpr(tpr: object) -> float:
     tpr = check_finite_number("tpr", tpr)
     if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must lie in (0, 1], got {tpr}")
+        raise InvalidArgument(f"tpr must lie in (0, 1], got {tpr}")
     return tpr
 
 
 def _common(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if id_scores.device != ood_scores.device:
-        raise ValueError(
+        raise InvalidArgument(
             f"id_scores and ood_scores must be on the same device: id_scores on {id_scores.device}, "
             f"ood_scores on {ood_scores.device}"
         )
@@ -380,14 +382,14 @@ def accuracy(pred: ArrayLike, labels: ArrayLike) -> float:
     pred_t, labels_t = _as_tensor("pred", pred), _as_tensor("labels", labels)
     for name, t in (("pred", pred_t), ("labels", labels_t)):
         if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D [n], got shape {tuple(t.shape)}")
+            raise InvalidArgument(f"{name} must be 1-D [n], got shape {tuple(t.shape)}")
         if t.numel() == 0:
-            raise ValueError(f"{name} must hold at least one class index, got an empty array")
+            raise InvalidArgument(f"{name} must hold at least one class index, got an empty array")
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer class indices, got dtype {t.dtype}")
+            raise InvalidArgumentType(f"{name} must hold integer class indices, got dtype {t.dtype}")
     if pred_t.shape != labels_t.shape:
-        raise ValueError(f"labels must have shape {tuple(pred_t.shape)} to match pred, got {tuple(labels_t.shape)}")
+        raise InvalidArgument(f"labels must have shape {tuple(pred_t.shape)} to match pred, got {tuple(labels_t.shape)}")
     if pred_t.device != labels_t.device:
-        raise ValueError(f"pred and labels must be on the same device: pred on {pred_t.device}, labels on {labels_t.device}")
+        raise InvalidArgument(f"pred and labels must be on the same device: pred on {pred_t.device}, labels on {labels_t.device}")
     correct = int((pred_t.to(torch.int64) == labels_t.to(torch.int64)).sum())
     return correct / pred_t.numel()

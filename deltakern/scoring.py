@@ -1,4 +1,5 @@
-"""Public scoring functions (SPEC.md §3): validation, backend choice, the ``Scores`` result."""
+"""Public scoring functions: validation, backend choice, dispatch, the ``Scores`` result
+(docs/conventions.md §2-§4)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import warnings
 
 import torch
 
-from . import _ext, _ops, reference
-from ._validation import (
+from deltakern.core.constants import BACKENDS, MODES, TRITON_MAX_C
+from deltakern.core.dtypes import accumulation_dtype
+from deltakern.core.errors import InvalidArgument
+from deltakern.core.state import Scores, derive_scores
+from deltakern.core.validation import (
     check_bool,
     check_choice,
     check_finite_number,
@@ -15,23 +19,25 @@ from ._validation import (
     check_int_range,
     check_positive,
 )
-from .kernels import triton_status
-from .state import Scores, derive_scores
+from deltakern.ops import extension, registry
+from deltakern.ops.triton import triton_status
+from deltakern.reference import scoring as reference
 
-BACKENDS = ("auto", "triton", "cpp", "reference")
-MODES = ("separate", "joint")
-TRITON_MAX_C = 16  # the Triton kernel keeps the top-c list in registers
+__all__ = [
+    "BACKENDS", "MODES", "Scores", "available_backends", "backend_status", "delta_energy", "energy",
+    "max_logit", "mcm", "msp", "resolve_backend", "score", "score_modes",
+]
 
 
 def backend_status(device: torch.device | str) -> dict[str, str | None]:
     """``{backend: None if usable on device else the reason it is not}`` (auto excluded)."""
     device = torch.device(device)
     status: dict[str, str | None] = {"triton": triton_status(device)}
-    if not _ext.available():
-        status["cpp"] = f"the compiled extension is not loaded ({_ext.unavailable_reason()})"
+    if not extension.available():
+        status["cpp"] = f"the compiled extension is not loaded ({extension.unavailable_reason()})"
     elif device.type != "cpu":
         status["cpp"] = "the C++ scoring kernel runs on CPU tensors (CUDA uses the Triton kernel)"
-    elif not _ops.has_kernel("fused_score_state", "CPU"):
+    elif not registry.has_kernel("fused_score_state", "CPU"):
         status["cpp"] = "the extension has no CPU kernel for fused_score_state"
     else:
         status["cpp"] = None
@@ -56,7 +62,7 @@ def resolve_backend(backend: str, device: torch.device | str, c: int = 1) -> str
         if chosen == "triton" and device.type == "cpu":
             chosen = usable[1]
     elif status[backend] is not None:
-        raise ValueError(
+        raise InvalidArgument(
             f"backend={backend!r} is not available for {device.type} tensors: {status[backend]}; "
             f"available: {', '.join(repr(b) for b in usable)}"
         )
@@ -73,9 +79,9 @@ def resolve_backend(backend: str, device: torch.device | str, c: int = 1) -> str
 
 def _state(X, W, *, temperature, c, normalize, backend, allow_tf32):
     if backend == "cpp":
-        return _ops.fused_score_state(X, W, 1.0 / temperature, c, normalize)
+        return registry.fused_score_state(X, W, 1.0 / temperature, c, normalize)
     if backend == "triton":
-        from .kernels import fused_score  # lazy: imports triton
+        from deltakern.ops.triton import fused_score  # lazy: imports triton
 
         return fused_score.fused_score_state(
             X, W, inv_temp=1.0 / temperature, c=c, normalize=normalize, allow_tf32=allow_tf32
@@ -106,7 +112,7 @@ def score_modes(
     c = check_int_range("c", c, 1, W.shape[0])
     reset = check_finite_number("reset", reset)
     if isinstance(modes, str) or not modes:
-        raise ValueError(f"modes must be a non-empty tuple of {MODES}, got {modes!r}")
+        raise InvalidArgument(f"modes must be a non-empty tuple of {MODES}, got {modes!r}")
     modes = tuple(check_choice("mode", m, MODES) for m in modes)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     chosen = resolve_backend(backend, X.device, c)
@@ -119,7 +125,7 @@ def score_modes(
     top_v, top_i, outside = _state(
         X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
     )
-    out_dtype = reference.accumulation_dtype(X, W)
+    out_dtype = accumulation_dtype(X, W)
     return {
         m: derive_scores(top_v, top_i, outside, reset_logit=reset / temperature, mode=m, out_dtype=out_dtype)
         for m in modes

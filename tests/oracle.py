@@ -1,4 +1,4 @@
-"""Float64 evaluation of SPEC.md §2 straight from the definitions, for small inputs.
+"""Float64 evaluation of docs/conventions.md §2 straight from the definitions, for small inputs.
 
 Independent of deltakern's own code paths: full logits matrix, explicit edits, logsumexp.
 """
@@ -52,7 +52,7 @@ def scores64(X, W, *, temperature=0.01, c=1, reset=0.0, mode="separate", normali
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """SPEC.md §2 accuracy contract: relative or absolute, whichever is larger."""
+    """Accuracy contract (docs/conventions.md §3): relative or absolute, whichever is larger."""
     return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-3
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from deltakern._atomic import atomic_path, write_json, write_text
+from deltakern.data.atomic import atomic_path, write_json, write_text
 
 
 def test_write_replaces_whole_file_with_usual_mode(tmp_path):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from deltakern import bench_providers as bp
-from deltakern import bench_suite as bs
-from deltakern import benchmarking as bm
+from deltakern import bench as bm
+from deltakern.bench import providers as bp
+from deltakern.bench import suite as bs
 from deltakern.cli import main
 
 TINY = ["--n", "37", "--k", "11", "--d", "24"]

@@ -8,7 +8,7 @@ import sys
 import torch
 
 import deltakern as dk
-from deltakern import synthetic
+from deltakern.ood import synthetic
 
 
 def test_synthetic_is_reproducible_and_stream_independent():

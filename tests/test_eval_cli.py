@@ -14,8 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import deltakern as dk
-from deltakern import cli, evaluation, io
-from deltakern.synthetic import make_synthetic
+from deltakern import cli
+from deltakern.data import arrays as io
+from deltakern.ood import evaluation
+from deltakern.ood.synthetic import make_synthetic
 
 C = 2
 TAU = 0.02

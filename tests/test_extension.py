@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import deltakern as dk
-from deltakern import _ext, _ops
+from deltakern.ops import extension as _ext
+from deltakern.ops import registry as _ops
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.unavailable_reason()}")
 
@@ -40,7 +41,7 @@ def test_opcheck(n, k, d, c, dtype):
 
 @needs_ext
 def test_op_matches_reference_state():
-    from deltakern import reference
+    from deltakern.reference import scoring as reference
 
     x, w = torch.randn(300, 40), torch.randn(150, 40)
     got = _ops.fused_score_state(x, w, 1 / 0.05, 4, True)
@@ -80,7 +81,7 @@ def test_import_does_not_pull_heavy_modules():
 def test_without_extension_falls_back_to_reference_and_says_so():
     code = (
         "import json, torch, deltakern as dk;"
-        "from deltakern.commands.env import collect;"
+        "from deltakern.cli.commands.env import collect;"
         "r = dk.score(torch.randn(5, 8), torch.randn(4, 8), c=2);"
         "print(json.dumps({'backends': dk.available_backends('cpu'), 'env': collect()['extension'],"
         " 'n': len(r)}))"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltakern.knn import knn_score
+from deltakern.ood.knn import knn_score
 
 
 def brute_force(X, bank, k):
@@ -73,7 +73,7 @@ def test_eval_reports_the_knn_baseline(tmp_path):
     import numpy as np
 
     from deltakern import metrics
-    from deltakern.synthetic import make_synthetic
+    from deltakern.ood.synthetic import make_synthetic
 
     data = make_synthetic(n=1200, k=20, d=128, seed=1)
     bank = make_synthetic(n=800, k=20, d=128, seed=1, ood_fraction=0.0).X

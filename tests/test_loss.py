@@ -1,5 +1,5 @@
-"""The EBM loss (SPEC.md §5): reference vs hand computation, fused ops vs reference, gradcheck,
-opcheck, bad input (SPEC.md §6) and a short training loop.
+"""The EBM loss (docs/conventions.md §6): reference vs hand computation, fused ops vs reference, gradcheck,
+opcheck, bad input (docs/conventions.md §8) and a short training loop.
 """
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from oracle import logits64
 
 import deltakern as dk
 from deltakern import loss as loss_module
-from deltakern.loss_reference import ebm_loss_reference, masked_count
-
-from oracle import logits64
+from deltakern.ops import registry
+from deltakern.reference.loss import ebm_loss_reference, masked_count
 
 FUSED = loss_module.fused_available("cpu")
 needs_fused = pytest.mark.skipif(not FUSED, reason="the compiled extension is not built")
@@ -254,7 +254,7 @@ def test_gradcheck_float64(options):
 @pytest.mark.parametrize("ce_on", ["original", "edited"])
 def test_gradcheck_clamp_active_and_inactive_rows(target, ce_on):
     X, W, labels = make_problem(8, 5, 7, seed=5, label_pred_rows=2)
-    loss_module._register()
+    registry.ensure_registered()
     out = torch.ops.deltakern.ebm_loss_forward(
         X, W, labels, 100.0, 0.0, masked_count(0.5, 7), target == "pred", ce_on == "edited", True
     )
@@ -296,7 +296,7 @@ def test_gradcheck_rows_with_tied_products(target):
     ],
 )
 def test_opcheck(args):
-    loss_module._register()
+    registry.ensure_registered()
     X, W, labels = make_problem(args["n"], args["k"], args["d"], dtype=args["dtype"], seed=9)
     count = masked_count(0.5, args["d"])
     options = (100.0, 0.0, count, args["target_pred"], args["ce_edited"], args["normalize"])

@@ -7,7 +7,7 @@ import torch
 
 import deltakern as dk
 from deltakern import loss as loss_module
-from deltakern.loss_reference import ebm_loss_reference, masked_count
+from deltakern.reference.loss import ebm_loss_reference, masked_count
 
 CUDA = torch.cuda.is_available()
 pytestmark = [

@@ -1,4 +1,4 @@
-"""dk.metrics against scikit-learn, hand-computed cases and identities (SPEC.md §4)."""
+"""dk.metrics against scikit-learn, hand-computed cases and identities (docs/conventions.md §5)."""
 
 from __future__ import annotations
 

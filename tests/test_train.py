@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import deltakern as dk
-from deltakern import train as tr
-from deltakern.clip_models import TINY_MODEL, load_model
+from deltakern import prompt as tr
+from deltakern.clip.models import TINY_MODEL, load_model
 
 CLASSES = {"red_apple": (220, 30, 30), "green_leaf": (30, 200, 40), "blue_sky": (30, 40, 220)}
 IMAGES_PER_CLASS = 6

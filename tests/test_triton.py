@@ -25,10 +25,11 @@ import torch
 
 pytest.importorskip("triton")
 
-import deltakern as dk  # noqa: E402
-from deltakern import reference  # noqa: E402
-from deltakern.kernels import interpreter_active  # noqa: E402
 from oracle import assert_close_contract, assert_indices_match, confident_rows, logits64, scores64  # noqa: E402
+
+import deltakern as dk  # noqa: E402
+from deltakern.ops.triton import interpreter_active  # noqa: E402
+from deltakern.reference import scoring as reference  # noqa: E402
 
 INTERPRETED = interpreter_active()  # this process imported triton in interpreter mode
 SCORE_FIELDS = ("delta_energy", "delta_energy_terms", "energy", "max_logit", "msp", "topk_values")
@@ -36,7 +37,7 @@ SCORE_FIELDS = ("delta_energy", "delta_energy_terms", "energy", "max_logit", "ms
 
 @pytest.fixture(scope="module")
 def fused():
-    from deltakern.kernels import fused_score
+    from deltakern.ops.triton import fused_score
 
     return fused_score
 

@@ -12,10 +12,11 @@ import torch
 
 pytest.importorskip("triton")
 
-import deltakern as dk  # noqa: E402
-from deltakern import reference  # noqa: E402
-from deltakern.kernels import interpreter_active  # noqa: E402
 from oracle import assert_close_contract, assert_indices_match, confident_rows, logits64, scores64  # noqa: E402
+
+import deltakern as dk  # noqa: E402
+from deltakern.ops.triton import interpreter_active  # noqa: E402
+from deltakern.reference import scoring as reference  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,7 +30,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def fused():
-    from deltakern.kernels import fused_score
+    from deltakern.ops.triton import fused_score
 
     return fused_score
 

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC.md §6 for the scoring API raises the right type naming the argument."""
+"""Every bad input of docs/conventions.md §8 for the scoring API raises the right type naming the argument."""
 
 from __future__ import annotations
 

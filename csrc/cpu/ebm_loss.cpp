@@ -1,4 +1,4 @@
-// The EBM loss (SPEC.md §5): deltakern::ebm_loss_forward / ebm_loss_backward.
+// The EBM loss (docs/conventions.md §6): deltakern::ebm_loss_forward / ebm_loss_backward.
 //
 // The device-independent part lives here as two drivers that loop over row chunks: each chunk's
 // logits are computed with at::mm into one reusable [chunk, K] buffer and handed to a device

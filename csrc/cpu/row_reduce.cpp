@@ -53,7 +53,9 @@ struct TopList {
 template <typename T>
 inline void take_scalar(TopList<T>& top, T& max, double& sum, T x, int64_t j) {
   if (top.accepts(x)) {
-    T evicted;
+    // Initialised although insert() writes it whenever it returns true: GCC cannot see that
+    // through the inlined loop and warns (-Wmaybe-uninitialized).
+    T evicted = -std::numeric_limits<T>::infinity();
     if (top.insert(x, j, evicted)) lse_add(max, sum, evicted);
   } else {
     lse_add(max, sum, x);

@@ -35,7 +35,7 @@ __device__ __forceinline__ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-// Larger value wins; equal values go to the lower column (the SPEC's tie rule).
+// Larger value wins; equal values go to the lower column (the tie rule of docs/conventions.md §1).
 template <typename T>
 __device__ __forceinline__ void argmax_merge(T& v, int64_t& i, T other_v, int64_t other_i) {
   if (other_v > v || (other_v == v && other_i < i)) {

@@ -1,0 +1,7 @@
+"""``python -m deltakern.cli``: the ``deltakern`` command line."""
+
+import sys
+
+from deltakern.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""``deltakern eval``: score ID and OOD embedding sets, compare every score, write a report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from deltakern.cli.options import DEVICE_HELP
+from deltakern.core.constants import BACKENDS
+from deltakern.core.errors import InvalidArgument
+
+EXAMPLE = """\
+examples:
+  deltakern eval --id imagenet_val.npy --classes imagenet_text.pt \\
+      --ood inat=inat.npy --ood textures=dtd.safetensors --id-labels imagenet_val_labels.npy \\
+      --c 5 --out runs/eval
+  deltakern eval --synthetic --n 20000 --k 100 --out runs/synthetic
+
+Files hold [N, D] (embeddings) or [N] (labels) arrays: .npy, .npz, .pt/.pth or .safetensors; a
+file with several arrays takes a key after a colon: feats.safetensors:image.
+Scores are all "higher = in-distribution"; metrics use the full ROC curve (exact ties, one point
+per distinct score). FPR95 with --positive id (default, CLIP/MCM papers): fraction of OOD
+accepted when 95%% of ID is kept; --positive ood (OpenOOD v1.5): fraction of ID rejected when
+95%% of OOD is caught. AUPR-In / AUPR-Out are average precision with ID / OOD positive.
+"""
+
+
+def _ood_spec(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` (or a bare PATH, named after its file stem)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        return Path(text.split(":")[0]).stem, text
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate ID vs OOD embedding sets: AUROC, FPR95, AUPR-In/Out of every score",
+        description="Score ID and OOD image embeddings against class embeddings in one fused pass\n"
+        "per set, then compare ΔEnergy (separate and joint, and its effect for c = 1..C), energy,\n"
+        "MSP, MCM and max-logit on every OOD set: a terminal table, and with --out a report\n"
+        "(metrics.json, metrics.csv, report.md, PNG histograms and ROC curves).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("inputs (files)")
+    src.add_argument("--id", metavar="PATH", help="ID image embeddings [N, D]")
+    src.add_argument("--ood", metavar="NAME=PATH", action="append", type=_ood_spec, default=[],
+                     help="an OOD set's image embeddings [M, D]; repeat for several sets")
+    src.add_argument("--classes", metavar="PATH", help="class (text) embeddings W [K, D]")
+    src.add_argument("--id-labels", metavar="PATH", help="ID class labels [N] (int): adds ID top-1 accuracy")
+    syn = p.add_argument_group("synthetic source (instead of files; the same generator as `deltakern demo`)")
+    syn.add_argument("--synthetic", action="store_true", help="evaluate a synthetic CLIP-like set")
+    syn.add_argument("--n", type=int, default=100_000, help="synthetic rows, ID + OOD (default 100,000)")
+    syn.add_argument("--k", type=int, default=1000, help="synthetic classes (default 1000)")
+    syn.add_argument("--d", type=int, default=512, help="synthetic embedding dimension (default 512)")
+    syn.add_argument("--seed", type=int, default=0, help="synthetic seed (default 0)")
+    syn.add_argument("--ood-fraction", type=float, default=0.5, help="synthetic share of OOD rows (default 0.5)")
+    sc = p.add_argument_group("scoring")
+    sc.add_argument("--temperature", type=float, default=0.01, help="τ: logits = cosine / τ (default 0.01)")
+    sc.add_argument("--c", type=int, default=3,
+                    help="reset the top-C logits for ΔEnergy; c = 1..C are all reported from the same pass (default 3)")
+    sc.add_argument("--reset", type=float, default=0.0, help="reset value in cosine units (default 0)")
+    sc.add_argument("--mcm-temperature", type=float, default=1.0, help="MCM's own softmax temperature (default 1.0)")
+    sc.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="scoring backend (default auto: Triton on CUDA, C++ on CPU)")
+    sc.add_argument("--device", default="auto", help=DEVICE_HELP)
+    sc.add_argument("--knn-bank", metavar="PATH",
+                    help="ID training embeddings [M, D]: adds the kNN baseline score (Sun et al. 2022; faiss when installed)")
+    sc.add_argument("--knn-k", type=int, default=50, help="the k of the kNN score (default 50)")
+    sc.add_argument("--chunk-rows", type=int, default=65_536, help="rows scored per call (default 65536)")
+    me = p.add_argument_group("metrics and output")
+    me.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR column (default 0.95)")
+    me.add_argument("--positive", default="id", choices=["id", "ood"],
+                    help="FPR95 convention of the table: id (CLIP/MCM) or ood (OpenOOD v1.5); JSON has both")
+    me.add_argument("--out", metavar="DIR", help="write metrics.json, metrics.csv, report.md and PNGs here")
+    me.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    me.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _tensor_sha256(t) -> str:
+    """SHA-256 of a tensor's raw bytes (C order), for inputs that are generated, not read."""
+    import hashlib
+
+    import torch
+
+    raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy()).hexdigest()
+
+
+def _info(t, **extra) -> dict:
+    return {**extra, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+
+
+def _load_files(args) -> tuple:
+    """(W, {set: X}, id_labels or None, inputs metadata) from --id/--ood/--classes."""
+    from deltakern.data.arrays import file_sha256, load_embeddings, load_labels, split_key
+
+    missing = [flag for flag, value in (("--id", args.id), ("--ood", args.ood), ("--classes", args.classes)) if not value]
+    if missing:
+        raise InvalidArgument(f"{', '.join(missing)} required (or use --synthetic), got none")
+    names = [name for name, _ in args.ood]
+    if len(set(names)) != len(names) or "ID" in names:
+        raise InvalidArgument(f"--ood set names must be unique and not 'ID', got {names}")
+    W = load_embeddings(args.classes, name="--classes")
+    sets = {"ID": load_embeddings(args.id, name="--id", dim=W.shape[1])}
+    for name, path in args.ood:
+        sets[name] = load_embeddings(path, name=f"--ood {name}", dim=W.shape[1])
+    labels = None
+    if args.id_labels:
+        labels = load_labels(args.id_labels, name="--id-labels", n=sets["ID"].shape[0])
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= W.shape[0]:
+            raise InvalidArgument(f"--id-labels must lie in [0, K) = [0, {W.shape[0]}), got a label {low if low < 0 else high}")
+    inputs = {}
+    for key, spec, t in [("classes", args.classes, W), ("ID", args.id, sets["ID"])] + [
+        (f"OOD {name}", path, sets[name]) for name, path in args.ood
+    ] + ([("id_labels", args.id_labels, labels)] if labels is not None else []):
+        path, array_key = split_key(spec)
+        inputs[key] = _info(t, path=str(path), key=array_key, sha256=file_sha256(path))
+    return W, sets, labels, inputs
+
+
+def _load_synthetic(args) -> tuple:
+    from deltakern.ood.synthetic import make_synthetic
+
+    if args.id or args.ood or args.classes or args.id_labels:
+        raise InvalidArgument("--synthetic replaces --id, --ood, --classes and --id-labels; got both")
+    data = make_synthetic(args.n, args.k, args.d, args.seed, args.ood_fraction)
+    is_ood = data.is_ood
+    if bool(is_ood.all()) or not bool(is_ood.any()):
+        raise InvalidArgument(f"--ood-fraction must leave both ID and OOD rows, got {args.ood_fraction} with --n {args.n}")
+    sets = {"ID": data.X[~is_ood], "synthetic": data.X[is_ood]}
+    labels = data.labels[~is_ood]
+    source = (f"deltakern.ood.synthetic.make_synthetic(n={args.n}, k={args.k}, d={args.d}, seed={args.seed}, "
+              f"ood_fraction={args.ood_fraction})")
+    inputs = {
+        "classes": _info(data.W, source=source, sha256=_tensor_sha256(data.W)),
+        "ID": _info(sets["ID"], source=source, sha256=_tensor_sha256(sets["ID"])),
+        "OOD synthetic": _info(sets["synthetic"], source=source, sha256=_tensor_sha256(sets["synthetic"])),
+        "id_labels": _info(labels, source=source, sha256=_tensor_sha256(labels)),
+    }
+    return data.W, sets, labels, inputs
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from deltakern._version import __version__
+    from deltakern.ood.evaluation import SCORE_LABELS, evaluate_sets, score_columns
+    from deltakern.ood.report import write_report
+    from deltakern.runtime import resolve_device
+    from deltakern.scoring import resolve_backend
+
+    W, sets, labels, inputs = _load_synthetic(args) if args.synthetic else _load_files(args)
+    device = resolve_device(args.device)
+    W = W.to(device)
+    backend = resolve_backend(args.backend, device, args.c)
+    print(
+        f"deltakern eval: K={W.shape[0]}, D={W.shape[1]}, c=1..{args.c}, τ={args.temperature}, "
+        f"reset={args.reset}, MCM T={args.mcm_temperature}, device={device}, backend={backend}"
+    )
+    columns = {}
+    for name, X in sets.items():
+        columns[name] = score_columns(
+            X, W, temperature=args.temperature, c=args.c, reset=args.reset, backend=backend,
+            mcm_temperature=args.mcm_temperature, chunk_rows=args.chunk_rows,
+            desc=f"scoring {name} ({X.shape[0]:,} rows)", progress=not args.quiet,
+        )
+    extra_scores = []
+    if args.knn_bank:
+        from deltakern.data.arrays import file_sha256, load_embeddings, split_key
+        from deltakern.ood.knn import knn_score
+
+        bank = load_embeddings(args.knn_bank, name="--knn-bank", dim=W.shape[1]).to(device)
+        inputs["knn_bank"] = _info(bank, path=str(split_key(args.knn_bank)[0]), sha256=file_sha256(split_key(args.knn_bank)[0]))
+        for name, X in sets.items():
+            columns[name]["knn"] = knn_score(X.to(device), bank, k=args.knn_k).float().cpu()
+        extra_scores.append("knn")
+    id_cols = columns.pop("ID")
+    sweep = [f"{base}@c={c}" for base in ("delta_energy", "delta_energy_joint") for c in range(1, args.c + 1)]
+    evaluation = evaluate_sets(
+        id_cols, columns, tpr=args.tpr, positive=args.positive, scores=list(SCORE_LABELS) + extra_scores + sweep,
+        id_pred=id_cols["pred"] if labels is not None else None, id_labels=labels, progress=not args.quiet,
+    )
+    print()
+    print(evaluation.table())
+    if args.c > 1:
+        print()
+        print(evaluation.c_table())
+    if args.out:
+        meta = {
+            "deltakern": __version__,
+            "torch": torch.__version__,
+            "command": "deltakern eval",
+            "settings": {
+                "temperature": args.temperature, "c": args.c, "reset": args.reset,
+                "mcm_temperature": args.mcm_temperature, "backend": backend, "device": str(device),
+                "tpr": args.tpr, "positive": args.positive,
+                "knn_k": args.knn_k if args.knn_bank else None,
+            },
+            "inputs": inputs,
+        }
+        written = write_report(evaluation, args.out, meta, plots=not args.no_plots)
+        if written["plots_skipped"] and not args.no_plots:
+            print(f"plots skipped: {written['plots_skipped']}")
+        print(f"\nwrote {len(written['files'])} files to {args.out}")
+    return 0

@@ -1,0 +1,82 @@
+"""The ``deltakern`` command line: one subcommand per module in ``deltakern.cli.commands``.
+
+Each command module exposes ``register(subparsers)``, which adds its parser and sets
+``func``; heavy imports happen inside the command, so ``deltakern --help`` stays fast.
+deltakern's own argument errors are printed as one line naming the flag; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+
+from deltakern._version import __version__
+from deltakern.core.errors import DeltakernError
+
+# command name -> module in deltakern.cli.commands, in the order --help lists them
+COMMANDS = {
+    "env": "env",
+    "demo": "demo",
+    "eval": "evaluate",
+    "encode": "encode",
+    "score": "score",
+    "train": "train",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every installed subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="deltakern",
+        description="Fused ΔEnergy OOD scoring, evaluation, prompt tuning and benchmarks for "
+        "vision-language models. Run `deltakern COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"deltakern {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMANDS.values():
+        try:
+            module = importlib.import_module(f"deltakern.cli.commands.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"deltakern.cli.commands.{module_name}":
+                continue  # a command not shipped in this installation
+            raise
+        module.register(sub)
+    return parser
+
+
+def _flag_for(param: str | None, message: str, subparser: argparse.ArgumentParser | None) -> str | None:
+    """The command-line flag of the library parameter an error is about: its ``param``, or the
+    identifier the message starts with when that is one of the command's options."""
+    if subparser is None:
+        return None
+    flags = {a.dest: a.option_strings[-1] for a in subparser._actions if a.option_strings}
+    if param is None:
+        match = re.match(r"([A-Za-z_]\w*)\b", message)
+        param = match.group(1) if match else None
+    return flags.get(param) if param else None
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deltakern`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DeltakernError as exc:
+        # A caller's mistake: one clear line naming the flag, not a traceback.
+        message = str(exc)
+        flag = _flag_for(exc.param, message, _subparser(parser, args.command))
+        where = f"argument {flag}: " if flag else ""
+        print(f"deltakern {args.command}: error: {where}{message}", file=sys.stderr)
+        return 2

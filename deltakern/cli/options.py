@@ -1,0 +1,98 @@
+"""Options and helpers the subcommands share: model and run options (argparse choices come from
+the library's constants), the device option, run summaries, and how library errors are told
+to the user in terms of the command's flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from deltakern.core.constants import BACKENDS, MODES, PRECISIONS
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default auto: cuda when available, cuda:LOCAL_RANK under torchrun, else cpu)"
+
+
+IMAGES_HELP = (
+    "images to read: a folder (searched recursively for .jpg/.png/.webp/... files), a file list "
+    "(.txt one path per line, or .csv/.tsv with a 'path' column and optional 'id' column; relative "
+    "paths are relative to the list), or webdataset tar shards, e.g. 'shards/{0000..0099}.tar'"
+)
+
+
+def add_model_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """--model/--pretrained/--seed, shared by encode and score."""
+    p.add_argument(
+        "--model",
+        required=required,
+        help="open_clip architecture, e.g. ViT-B-32 (see open_clip.list_models()), or deltakern-tiny, "
+        "a small random-weight model for tests",
+    )
+    p.add_argument(
+        "--pretrained",
+        required=required,
+        help="open_clip pretrained tag (e.g. openai, laion2b_s34b_b79k), a local checkpoint file, or "
+        "'none' for random weights (testing only)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights of --pretrained none (default 0)")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Sharding, batching, device and precision options, shared by encode and score."""
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=10_000,
+        help="images per work shard (default 10000); finished shards are skipped when a run is "
+        "resumed; webdataset sources use one shard per tar",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader worker processes decoding images (default: min(8, CPU count); 0 decodes in the main process)",
+    )
+    p.add_argument(
+        "--device", default="auto", help=DEVICE_HELP
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="encoder autocast precision (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--dist-backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_score_options(p: argparse.ArgumentParser, *, c_help: str = "number of top classes ΔEnergy resets (default 1)") -> None:
+    """--c/--temperature/--reset/--mode/--backend of :func:`deltakern.score`."""
+    p.add_argument("--c", type=int, default=1, help=c_help)
+    p.add_argument("--temperature", type=float, default=0.01, help="softmax temperature τ (default 0.01 = logit scale 100)")
+    p.add_argument("--reset", type=float, default=0.0, help="cosine value the top-c logits are reset to (default 0.0)")
+    p.add_argument("--mode", choices=MODES, default=MODES[0], help=f"ΔEnergy mode (default {MODES[0]})")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="scoring backend (default auto: triton on CUDA, the C++ kernel on CPU, else the reference)",
+    )
+
+
+def is_main_process() -> bool:
+    """True on torchrun's rank 0 (or without torchrun): the process that prints summaries."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def summary(stats: dict, manifest: str) -> str:
+    """One line about a finished run."""
+    return (
+        f"{stats['rows']} rows from {stats['images']} images ({stats['errors']} failed to decode) in "
+        f"{stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s; "
+        f"{stats['shards_done_now']} shards done now, {stats['shards_skipped']} already done; manifest: {manifest}"
+    )

@@ -1,0 +1,34 @@
+"""Names and numbers shared across layers, defined once (docs/conventions.md gives their meaning)."""
+
+from __future__ import annotations
+
+import torch
+
+#: Scoring backends accepted by ``dk.score`` (``auto`` picks one of the others).
+BACKENDS = ("auto", "triton", "cpp", "reference")
+#: ΔEnergy modes (docs/conventions.md §2).
+MODES = ("separate", "joint")
+#: The largest ``c`` the Triton kernel handles (its top-c list lives in registers); larger ``c``
+#: falls back to the reference backend.
+TRITON_MAX_C = 16
+#: Autocast precisions of the encoders (image encoding, prompt tuning).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Environment variable: seconds a torchrun process group waits for its peers.
+DIST_TIMEOUT_ENV = "DELTAKERN_DIST_TIMEOUT_S"
+DEFAULT_DIST_TIMEOUT_S = 7200.0
+
+#: The accuracy contract (docs/conventions.md §3): every score within this relative or
+#: absolute error (whichever is larger) of a float64 evaluation of the same inputs.
+SCORE_TOLERANCE = {
+    torch.float32: 1e-4,
+    torch.float64: 1e-4,
+    torch.float16: 2e-3,
+    torch.bfloat16: 2e-3,
+}
+
+
+def score_tolerance(dtype: torch.dtype | str) -> float:
+    """The contract's tolerance for inputs of ``dtype`` (a torch dtype or its name)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return SCORE_TOLERANCE[dtype]

@@ -1,0 +1,381 @@
+"""Fused cosine logits + online top-c + outside log-sum-exp in one Triton pass (docs/architecture.md §4).
+
+One program owns ``BLOCK_M`` rows of ``X``. It walks the classes in tiles of ``BLOCK_N`` rows
+of ``W``; each tile's ``X_tile @ W_tileᵀ`` accumulates in float32 over ``BLOCK_K``-wide slices
+of the embedding, is scaled to logits in the epilogue (inverse row norms and 1/τ) and merged
+into per-row register state:
+
+- the top-c logits and their class indices (c ≤ 16, a compile-time constant),
+- an online (max, scaled sum) log-sum-exp of every logit *outside* the current top-c: a logit
+  pushed out of the top-c joins that sum, so nothing is ever subtracted (docs/conventions.md §2).
+
+Only O(c) numbers per row reach memory; the [N, K] logits never exist. The epilogue works in
+base 2 (logits pre-multiplied by log2(e), so ``exp2`` needs no extra multiply) and converts
+back when it stores.
+
+With ``TRITON_INTERPRET=1`` set before triton is imported, the same kernel runs on CPU tensors
+through Triton's interpreter (this is how the CPU test suite checks it). Triton fixes the mode
+when it is imported (its own library functions are jitted then), so one process is either
+interpreted or compiled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from deltakern.core.constants import TRITON_MAX_C as MAX_C
+from deltakern.core.errors import InvalidArgument, InvalidArgumentType
+
+OP_NAME = "deltakern::fused_score_state_triton"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634  # host side: folded into the logit scale
+_LN2 = tl.constexpr(0.6931471805599453)  # kernel side: base-2 results back to natural log
+
+
+# --------------------------------------------------------------------------------------------
+# Device functions
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _add_to_outside(m, s, values):
+    """Fold ``values`` [BM] (base-2 logits, may be -inf) into the running (max, sum) pair."""
+    m_new = tl.maximum(m, values)
+    # A row that has seen only -inf keeps m = -inf; shifting by 0 then gives exp2(-inf) = 0
+    # instead of the NaN of (-inf) - (-inf).
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp2(m - shift) + tl.exp2(values - shift)
+    return m_new, s
+
+
+@triton.jit
+def _add_tile_to_outside(m, s, tile):
+    """Fold every element of ``tile`` [BM, BN] into the running (max, sum) pair."""
+    m_new = tl.maximum(m, tl.max(tile, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp2(m - shift) + tl.sum(tl.exp2(tile - shift[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _merge_top1(best_v, best_i, m, s, logits, col0, BLOCK_N: tl.constexpr):
+    """c = 1: one max/argmax, the tile minus its winner into the outside sum, loser of the two
+    winners too. Tiles arrive in increasing class order, so on equal values the kept winner
+    (lower class index) stays."""
+    offs_n = tl.arange(0, BLOCK_N)
+    tile_v, tile_j = tl.max(logits, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    rest = tl.where(offs_n[None, :] == tile_j[:, None], float("-inf"), logits)
+    m, s = _add_tile_to_outside(m, s, rest)
+    tile_wins = tile_v > best_v
+    m, s = _add_to_outside(m, s, tl.where(tile_wins, best_v, tile_v))
+    best_i = tl.where(tile_wins, col0 + tile_j, best_i)
+    best_v = tl.where(tile_wins, tile_v, best_v)
+    return best_v, best_i, m, s
+
+
+@triton.jit
+def _worst_slot(top_v, top_i, slot_ok):
+    """The slot of the lowest-ranked kept logit: smallest value, on ties the highest index.
+    Returns its value [BM] and a one-hot slot mask [BM, C_PAD]."""
+    worst_v = tl.min(tl.where(slot_ok, top_v, float("inf")), axis=1)
+    is_min = slot_ok & (top_v == worst_v[:, None])
+    worst_i = tl.max(tl.where(is_min, top_i, -(2**31)), axis=1)
+    return worst_v, is_min & (top_i == worst_i[:, None])
+
+
+@triton.jit
+def _merge_topc(top_v, top_i, m, s, logits, col0, C: tl.constexpr, C_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """1 < c ≤ 16: the kept list is unordered (sorted once at the end). Only tile logits above
+    a row's current c-th best can enter, so the tile needs at most min(c, max count) rounds of
+    extract-max; each round replaces the worst kept logit (which joins the outside sum) or, if
+    the extracted one loses, adds it to the outside sum. What is left of the tile joins too."""
+    offs_n = tl.arange(0, BLOCK_N)
+    slot_ok = (tl.arange(0, C_PAD) < C)[None, :]
+    worst_v, worst_slot = _worst_slot(top_v, top_i, slot_ok)
+    entrants = tl.sum((logits > worst_v[:, None]).to(tl.int32), axis=1)
+    rounds = tl.minimum(tl.max(entrants, axis=0), C)
+    work = logits
+    for _ in range(0, rounds):
+        v, j = tl.max(work, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        work = tl.where(offs_n[None, :] == j[:, None], float("-inf"), work)
+        # Strictly greater: an equal kept logit has the lower class index and ranks first.
+        enters = v > worst_v
+        m, s = _add_to_outside(m, s, tl.where(enters, worst_v, v))
+        replace = worst_slot & enters[:, None]
+        top_v = tl.where(replace, v[:, None], top_v)
+        top_i = tl.where(replace, (col0 + j)[:, None], top_i)
+        worst_v, worst_slot = _worst_slot(top_v, top_i, slot_ok)
+    m, s = _add_tile_to_outside(m, s, work)
+    return top_v, top_i, m, s
+
+
+@triton.jit
+def _fused_score_kernel(
+    x_ptr, w_ptr, w_scale_ptr, top_v_ptr, top_i_ptr, lse_ptr,
+    N, K, D,
+    stride_xn, stride_xd, stride_wk, stride_wd,
+    logit_scale,  # 1/τ · log2(e): cosines (or dot products) to base-2 logits
+    C: tl.constexpr, C_PAD: tl.constexpr,
+    NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # int64 row offsets: N·stride and N·c exceed 2^31 for large inputs.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_xn
+
+    # Per-row scale folded into the epilogue: 1/(τ‖x‖) (log2 units). Padding rows get 0 so
+    # their logits stay finite (they are never stored).
+    if NORMALIZE:
+        sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + offs_k) < D
+            x = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            sumsq += tl.sum(x * x, axis=1)
+        row_scale = tl.where(row_ok, logit_scale / tl.sqrt_rn(tl.where(row_ok, sumsq, 1.0)), 0.0)
+    else:
+        row_scale = tl.where(row_ok, logit_scale, 0.0)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if C == 1:
+        best_v = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_i = tl.zeros([BLOCK_M], dtype=tl.int32)
+    else:
+        top_v = tl.full([BLOCK_M, C_PAD], float("-inf"), tl.float32)
+        # Distinct placeholder indices keep the worst-slot choice one-hot before the list fills.
+        top_i = tl.zeros([BLOCK_M, C_PAD], dtype=tl.int32) - 1 - tl.arange(0, C_PAD)[None, :]
+
+    for n0 in range(0, K, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < K
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k_ok = (k0 + offs_k) < D
+            x = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols + (k0 + offs_k)[:, None] * stride_wd,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:  # mixed input dtypes: multiply in float32
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if NORMALIZE:
+            col_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+            logits = acc * row_scale[:, None] * col_scale[None, :]
+        else:
+            logits = acc * row_scale[:, None]
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        if C == 1:
+            best_v, best_i, m, s = _merge_top1(best_v, best_i, m, s, logits, n0, BLOCK_N)
+        else:
+            top_v, top_i, m, s = _merge_topc(top_v, top_i, m, s, logits, n0, C, C_PAD, BLOCK_N)
+
+    lse = tl.where(s > 0, (m + tl.log2(tl.where(s > 0, s, 1.0))) * _LN2, float("-inf"))
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    if C == 1:
+        tl.store(top_v_ptr + rows, best_v * _LN2, mask=row_ok)
+        tl.store(top_i_ptr + rows, best_i.to(tl.int64), mask=row_ok)
+    else:
+        # Sort the kept list once: c rounds of pick-the-best (ties to the lower class index).
+        slot_ok = (tl.arange(0, C_PAD) < C)[None, :]
+        for r in tl.static_range(C):
+            v = tl.max(tl.where(slot_ok, top_v, float("-inf")), axis=1)
+            i = tl.min(tl.where(slot_ok & (top_v == v[:, None]), top_i, 2**31 - 1), axis=1)
+            tl.store(top_v_ptr + rows * C + r, v * _LN2, mask=row_ok)
+            tl.store(top_i_ptr + rows * C + r, i.to(tl.int64), mask=row_ok)
+            slot_ok = slot_ok & (top_i != i[:, None])
+
+
+_autotuned = None  # the autotuned wrapper, built on first use with DELTAKERN_AUTOTUNE=1
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch parameters of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def autotune_enabled() -> bool:
+    """True when DELTAKERN_AUTOTUNE=1: the launch config is tuned per (K, D, c, dtype)."""
+    return os.environ.get("DELTAKERN_AUTOTUNE", "0") == "1"
+
+
+def select_config(device: torch.device, dot_dtype: torch.dtype, c: int) -> TileConfig:
+    """The fixed tile config for a GPU generation (by compute capability), dtype and c.
+
+    Larger c keeps more per-row state live in the epilogue, so it uses narrower column tiles.
+    float32 inputs run three TF32 products per tile (3xTF32) on twice the bytes, so they use
+    shallower K slices to fit the pipeline stages in shared memory. The choices keep every
+    variant free of register spills (checked with ptxas for sm_80 and sm_90).
+    """
+    if device.type != "cuda":  # the interpreter: small tiles exercise every masking path
+        return TileConfig(32, 32, 32, 1, 1)
+    major, _ = torch.cuda.get_device_capability(device)
+    half = dot_dtype in (torch.float16, torch.bfloat16)
+    if major >= 9:  # Hopper and newer: 228 KB shared memory, wgmma
+        return TileConfig(128, 128 if c == 1 else 64, 64 if half else 32, 8, 3)
+    if major == 8:  # Ampere/Ada: consumer parts have ~100 KB shared memory
+        return TileConfig(128, 128 if c == 1 and half else 64, 32, 8, 3)
+    return TileConfig(64, 64, 32, 4, 2)
+
+
+def dot_precision(device: torch.device, dot_dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` input precision: 3xTF32 (float32-level accuracy) for float32 products unless
+    plain TF32 is allowed; IEEE on GPUs without TF32 tensor cores. Half products are exact."""
+    if dot_dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "ieee"
+    return "tf32" if allow_tf32 else "tf32x3"
+
+
+def _autotune_configs() -> list:
+    configs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 3), (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (128, 64, 32, 4, 3), (64, 64, 32, 4, 2),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                     num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _kernels():
+    """The launchable kernel: the plain jitted one, or its autotuned wrapper when
+    DELTAKERN_AUTOTUNE=1 (never under the interpreter, which has nothing to time)."""
+    global _autotuned
+    if not autotune_enabled() or triton.knobs.runtime.interpret:
+        return _fused_score_kernel
+    if _autotuned is None:
+        _autotuned = triton.autotune(
+            configs=_autotune_configs(), key=["K", "D", "C", "NORMALIZE", "UPCAST", "PRECISION"]
+        )(_fused_score_kernel)
+    return _autotuned
+
+
+# --------------------------------------------------------------------------------------------
+# The operator
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """Native half-precision products when both inputs share a half dtype, else float32."""
+    return x.dtype if x.dtype == w.dtype and x.dtype != torch.float32 else torch.float32
+
+
+@triton_op(OP_NAME, mutates_args=())
+def _fused_score_state_op(
+    x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    k = w.shape[0]
+    # Coalesced loads need unit stride along D; any row stride is fine without a copy.
+    if d > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    if d > 1 and w.stride(1) != 1:
+        w = w.contiguous()
+    dot_dtype = _dot_dtype(x, w)
+    precision = dot_precision(x.device, dot_dtype, allow_tf32)
+    if normalize:
+        w_scale = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).reciprocal()
+    else:
+        w_scale = torch.ones((k,), dtype=torch.float32, device=w.device)
+    top_v = torch.empty((n, c), dtype=torch.float32, device=x.device)
+    top_i = torch.empty((n, c), dtype=torch.int64, device=x.device)
+    lse = torch.empty((n,), dtype=torch.float32, device=x.device)
+    kernel = _kernels()
+    args = (
+        x, w, w_scale, top_v, top_i, lse, n, k, d,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), inv_temp * _LOG2E,
+    )
+    meta = dict(
+        C=c, C_PAD=triton.next_power_of_2(c), NORMALIZE=normalize,
+        # The interpreter stores bfloat16 as raw uint16 and only converts it explicitly, so there
+        # bfloat16 products go through float32 (exact: a bf16 x bf16 product fits in float32).
+        UPCAST=x.dtype != w.dtype or (triton.knobs.runtime.interpret and torch.bfloat16 in (x.dtype, w.dtype)),
+        PRECISION=precision,
+    )
+    if kernel is _autotuned:
+        grid = lambda opts: (triton.cdiv(n, opts["BLOCK_M"]),)  # noqa: E731
+        wrap_triton(kernel)[grid](*args, **meta)
+    else:
+        cfg = select_config(x.device, dot_dtype, c)
+        grid = (triton.cdiv(n, cfg.block_m),)
+        wrap_triton(kernel)[grid](
+            *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return top_v, top_i, lse
+
+
+@_fused_score_state_op.register_fake
+def _fused_score_state_fake(x, w, inv_temp, c, normalize, allow_tf32):
+    n = x.shape[0]
+    return (
+        x.new_empty((n, c), dtype=torch.float32),
+        x.new_empty((n, c), dtype=torch.int64),
+        x.new_empty((n,), dtype=torch.float32),
+    )
+
+
+def fused_score_state(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    inv_temp: float,
+    c: int,
+    normalize: bool,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row scoring state of ``X [N, D]`` against ``W [K, D]`` in one fused Triton pass.
+
+    Returns ``(topk_values [N, c] float32, topk_indices [N, c] int64, lse_outside [N] float32)``:
+    the c largest logits ``inv_temp · x̂·ŵ`` (cosines when ``normalize``, else dot products)
+    sorted descending with ties to the lower class index, their class indices, and the
+    log-sum-exp of every other logit (-inf when K == c). Inputs are float32, float16 or
+    bfloat16 with any strides, on CUDA (or CPU under ``TRITON_INTERPRET=1``); products
+    accumulate in float32. float32 inputs use 3xTF32 products (float32-level accuracy) unless
+    ``allow_tf32`` asks for plain TF32. Values are assumed checked (finite, non-zero rows when
+    normalising): :func:`deltakern.score` does that.
+    """
+    for name, t in (("X", X), ("W", W)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise InvalidArgument(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise InvalidArgumentType(
+                f"{name} must be float32, float16 or bfloat16 for the Triton kernel, got {t.dtype}"
+            )
+    if X.shape[1] != W.shape[1]:
+        raise InvalidArgument(f"X and W must share the embedding dimension, got {X.shape[1]} and {W.shape[1]}")
+    if X.device != W.device:
+        raise InvalidArgument(f"X and W must be on the same device, got {X.device} and {W.device}")
+    if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= min(MAX_C, W.shape[0]):
+        raise InvalidArgument(f"c must be an integer in [1, min({MAX_C}, K={W.shape[0]})], got {c!r}")
+    if not (isinstance(inv_temp, (int, float)) and math.isfinite(inv_temp) and inv_temp > 0):
+        raise InvalidArgument(f"inv_temp must be a finite positive number, got {inv_temp!r}")
+    return torch.ops.deltakern.fused_score_state_triton(
+        X, W, float(inv_temp), int(c), bool(normalize), bool(allow_tf32)
+    )

@@ -1,0 +1,158 @@
+"""``run_score``: images (or the feature shards of an encode run) -> one parquet row per image,
+with the manifest beside it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import torch
+
+from deltakern import scoring
+from deltakern.core.errors import InvalidArgument, InvalidArgumentType
+from deltakern.core.validation import check_int_range
+from deltakern.data.atomic import write_json
+from deltakern.data.features import open_features, read_feature_shard
+from deltakern.data.rundir import RunDir
+from deltakern.pipeline.classes import class_embeddings
+from deltakern.pipeline.encode import MANIFEST_VERSION
+from deltakern.pipeline.engine import (
+    ShardEmbeddings,
+    all_records,
+    claim,
+    embed_shards,
+    feature_stream,
+    finish,
+    pending_shards,
+    process_shards,
+)
+from deltakern.pipeline.parquet import merge_parts, output_paths, scores_schema, scores_table, write_parquet_atomic
+from deltakern.pipeline.settings import ScoreSettings
+from deltakern.runtime import make_runtime, sum_timings
+
+
+def _source(s: ScoreSettings) -> tuple[list[Any], dict[str, Any], str, str, dict[str, Any] | None]:
+    """``(shards, their identity for run.json, model, pretrained, the features manifest or None)``."""
+    if s.features is not None:
+        feature_manifest, shards = open_features(s.features)
+        encoded_with = feature_manifest["model"]
+        for option, given, used in (("model", s.model, encoded_with["model"]), ("pretrained", s.pretrained, encoded_with["pretrained"])):
+            if given is not None and given != used:
+                raise InvalidArgument(
+                    f"{option} {given!r} differs from the {used!r} the features in {s.features} were encoded with",
+                    param=option,
+                )
+        identity = {
+            "features": s.features,
+            "features_fingerprint": hashlib.sha256(json.dumps(feature_manifest["shards"], sort_keys=True).encode()).hexdigest(),
+        }
+        return shards, identity, encoded_with["model"], encoded_with["pretrained"], feature_manifest
+    from deltakern.data.images import open_source
+
+    source = open_source(s.images)  # type: ignore[arg-type]
+    identity = {"images": s.images, "images_fingerprint": source.fingerprint(), "shard_size": s.shard_size}
+    return source.plan(s.shard_size), identity, s.model, s.pretrained, None  # type: ignore[return-value]
+
+
+def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, Any]:
+    """Score images (or the feature shards of an encode run) against class prompts.
+
+    Writes ``settings.out`` (parquet, one row per image that decoded: ``id``, ``source``,
+    ``pred``, ``pred_name``, ``delta_energy``, ``energy``, ``msp``, ``max_logit``,
+    ``topk_indices``), the manifest beside it (``x.manifest.json``: arguments, model, classes,
+    counts, per-shard parts, images that failed to decode, timing) and per-shard parts under
+    ``x.parts/``. Scores come from :func:`deltakern.score` with the settings' ``c``,
+    ``temperature``, ``reset``, ``mode`` and ``backend``. With ``features`` the model and weights
+    default to those of the encode run (and must match when given). Resumable and
+    torchrun-aware (``deltakern.pipeline``). Returns this invocation's stats.
+    """
+    from deltakern.clip.models import load_model
+
+    if not isinstance(settings, ScoreSettings):
+        raise InvalidArgumentType(f"settings must be a ScoreSettings, got {type(settings).__name__}")
+    s = settings
+    out_path, manifest_path, parts_dir = output_paths(s.out)
+    start = time.perf_counter()
+    shards, source_args, model, pretrained, feature_manifest = _source(s)
+
+    rt = make_runtime(s.device, s.precision, s.dist_backend)
+    try:
+        clip = load_model(model, pretrained, device=rt.device, seed=s.seed)
+        W, names, class_identity = class_embeddings(
+            clip,
+            classes=s.classes,
+            imagenet=s.imagenet,
+            templates=s.templates,
+            prompts=s.prompts,
+            cache_dir=s.cache_dir,
+            seed=s.seed,
+            autocast_dtype=rt.autocast_dtype,
+        )
+        c = check_int_range("c", s.c, 1, W.shape[0])
+        chosen_backend = scoring.resolve_backend(s.backend, rt.device, c)
+        args = {
+            "task": "score",
+            "model": model,
+            "pretrained": clip.describe()["weights"],
+            "seed": s.seed,
+            **source_args,
+            **class_identity,
+            "c": c,
+            "temperature": s.temperature,
+            "reset": s.reset,
+            "mode": s.mode,
+            "backend": chosen_backend,
+            "precision": rt.precision,
+            "device": rt.device.type,
+        }
+        run = RunDir(parts_dir, "part", ".parquet")
+        claim(run, rt, args, f"the score run for {out_path}")
+        pending, skipped = pending_shards(shards, run, rt)
+        setup_s = time.perf_counter() - start
+
+        def score_rows(X: torch.Tensor):
+            if X.shape[0] == 0:
+                return None
+            return scoring.score(X, W, temperature=s.temperature, c=c, reset=s.reset, mode=s.mode, backend=chosen_backend)
+
+        if feature_manifest is not None:
+            stream = feature_stream(pending, rt, read_feature_shard, progress)
+        else:
+            stream = embed_shards(clip, pending, rt, batch_size=s.batch_size, workers=s.workers, progress=progress)
+
+        def write_shard(shard: ShardEmbeddings) -> None:
+            with shard.timer.section("score_s"):
+                result = score_rows(shard.embeddings)
+            with shard.timer.host_section("write_s"):
+                write_parquet_atomic(scores_table(shard.ids, shard.sources, result, names, c), run.output(shard.index))
+
+        stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
+
+        def finalize(total: dict[str, Any]) -> dict[str, Any]:
+            records = all_records(run, shards)
+            merge_parts([run.output(sh.index) for sh in shards], out_path, scores_schema(c))
+            errors = [e for r in records for e in r["errors"]]
+            if feature_manifest is not None:
+                errors = feature_manifest["errors"] + errors
+            manifest = {
+                "kind": "deltakern-scores",
+                "version": MANIFEST_VERSION,
+                "output": out_path.name,
+                "args": args,
+                "model": clip.describe(),
+                "classes": {"count": len(names), "names": names},
+                "rows": sum(r["rows"] for r in records),
+                "images": sum(r["images"] for r in records),
+                "parts": [{"index": r["index"], "file": f"{parts_dir.name}/{r['file']}", "rows": r["rows"]} for r in records],
+                "errors": errors,
+                "timing": sum_timings([r["timing"] for r in records]),
+                "last_run": total,
+            }
+            write_json(manifest_path, manifest)
+            return manifest
+
+        return finish(rt, stats, finalize)
+    finally:
+        rt.close()

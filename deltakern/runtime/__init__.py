@@ -1,0 +1,18 @@
+"""How a process runs: device and precision resolution, torchrun ranks, section timing.
+Shared by the pipeline and prompt tuning; depends on ``deltakern.core`` only."""
+
+from deltakern.runtime.devices import (
+    Runtime,
+    autocast,
+    autocast_dtype,
+    dist_timeout,
+    make_runtime,
+    resolve_device,
+    resolve_precision,
+)
+from deltakern.runtime.timing import TIMING_KEYS, SectionTimer, sum_timings
+
+__all__ = [
+    "TIMING_KEYS", "Runtime", "SectionTimer", "autocast", "autocast_dtype", "dist_timeout", "make_runtime",
+    "resolve_device", "resolve_precision", "sum_timings",
+]
