@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from deltakern.core.constants import score_tolerance
+
 
 def logits64(X: torch.Tensor, W: torch.Tensor, temperature: float, normalize: bool = True) -> torch.Tensor:
     x, w = X.double(), W.double()
@@ -53,7 +55,7 @@ def scores64(X, W, *, temperature=0.01, c=1, reset=0.0, mode="separate", normali
 
 def tolerance(dtype: torch.dtype) -> float:
     """Accuracy contract (docs/conventions.md §3): relative or absolute, whichever is larger."""
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-3
+    return score_tolerance(dtype)
 
 
 def assert_close_contract(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
