@@ -5,6 +5,7 @@ a GPU, nor Triton, nor the compiled extension, and never initialises CUDA.
 """
 
 from deltakern import metrics
+from deltakern._version import __version__
 from deltakern.loss import EBMLoss, ebm_loss
 from deltakern.scoring import (
     Scores,
@@ -17,8 +18,6 @@ from deltakern.scoring import (
     score,
     score_modes,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EBMLoss",
