@@ -30,6 +30,7 @@ LAYERS = {
     "prompt": 6,
     "pipeline": 7,
     "bench": 8,
+    "integrations": 8,
     "cli": 9,
 }
 # The benchmark harness measures the public functions against the references; beyond those it
