@@ -5,6 +5,7 @@ from deltakern.runtime.devices import (
     Runtime,
     autocast,
     autocast_dtype,
+    cpu_has_native_bf16,
     dist_timeout,
     make_runtime,
     resolve_device,
@@ -13,6 +14,6 @@ from deltakern.runtime.devices import (
 from deltakern.runtime.timing import TIMING_KEYS, SectionTimer, sum_timings
 
 __all__ = [
-    "TIMING_KEYS", "Runtime", "SectionTimer", "autocast", "autocast_dtype", "dist_timeout", "make_runtime",
+    "TIMING_KEYS", "Runtime", "SectionTimer", "autocast", "autocast_dtype", "cpu_has_native_bf16", "dist_timeout", "make_runtime",
     "resolve_device", "resolve_precision", "sum_timings",
 ]

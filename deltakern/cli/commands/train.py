@@ -132,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     opt.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="autocast precision (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 on CPU)",
+        help="autocast precision (default auto: bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on CPUs with native bf16 (AMX or AVX512-BF16), else fp32)",
     )
 
     run_opts = p.add_argument_group("run")
