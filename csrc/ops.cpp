@@ -1,9 +1,9 @@
 // The one place where deltakern's custom-op schemas are declared.
 //
 // Every op is declared here once (TORCH_LIBRARY) and implemented per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL). Fake (meta) kernels and
-// autograd formulas are registered from Python with torch.library, next to the
-// Python wrappers (deltakern/_ops.py and deltakern/loss.py).
+// csrc/cpu/*.cpp and csrc/cuda/*.cu (TORCH_LIBRARY_IMPL). Fake (meta) kernels, the
+// autograd formula and the Python call wrappers are registered once, in one module:
+// deltakern/ops/registry.py (docs/architecture.md §3).
 #include <torch/library.h>
 
 TORCH_LIBRARY(deltakern, m) {
