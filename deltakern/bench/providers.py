@@ -15,7 +15,7 @@ Scoring providers (each returns the scores of docs/conventions.md §2 for the sa
 
 Loss providers (forward + backward, gradients for X and W): ``deltakern-fused`` (``ebm_loss``
 through the compiled custom ops), ``autograd-reference`` (autograd through
-``loss_reference.ebm_loss_reference``) and ``torch.mm-fwd-bwd`` (the three matmuls of a linear
+``deltakern.reference.loss.ebm_loss_reference``) and ``torch.mm-fwd-bwd`` (the three matmuls of a linear
 layer's forward and backward, the ceiling).
 
 :func:`check_output` compares a provider's output with the reference's (scores, or loss and
