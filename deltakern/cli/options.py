@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 
 from deltakern.core.constants import BACKENDS, MODES, PRECISIONS
 
@@ -59,7 +61,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="encoder autocast precision (default auto: bf16 on CUDA, fp16 where bf16 is unsupported, fp32 on CPU)",
+        help="encoder autocast precision (default auto: bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on CPUs with native bf16 (AMX or AVX512-BF16), else fp32)",
     )
     p.add_argument(
         "--dist-backend",
@@ -68,6 +70,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--no-exif-transpose",
+        dest="exif_transpose",
+        action="store_false",
+        help="keep images as stored instead of applying their EXIF orientation tag (applied by default)",
+    )
 
 
 def add_score_options(p: argparse.ArgumentParser, *, c_help: str = "number of top classes ΔEnergy resets (default 1)") -> None:
@@ -89,10 +97,38 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def plain_warnings(command: str) -> None:
+    """Show warnings as one ``deltakern COMMAND: warning: ...`` line each, once per message and
+    only on the main process (no source file and line: they point inside the library)."""
+    from deltakern.clip.models import RandomWeightsWarning
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+        text = f"deltakern {command}: warning: {message}"
+        if text not in seen:
+            seen.add(text)
+            print(text, file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+    if not is_main_process():
+        warnings.filterwarnings("ignore", category=RandomWeightsWarning)
+
+
 def summary(stats: dict, manifest: str) -> str:
-    """One line about a finished run."""
+    """One line about a finished run: the output's totals, then what this run added.
+
+    ``stats`` is what :func:`deltakern.pipeline.run_score` / ``run_encode`` return; ``output``
+    holds the totals of the whole output (all runs that built it)."""
+    out = stats.get("output") or {"rows": stats["rows"], "images": stats["images"], "errors": stats["errors"]}
+    totals = f"{out['rows']} rows from {out['images']} images ({out['errors']} failed to decode)"
+    if stats["shards_done_now"] == 0:
+        return f"already complete: {totals}; nothing left to do; manifest: {manifest}"
+    resumed = stats["shards_skipped"] > 0
+    added = (
+        f"this run added {stats['rows']} rows from {stats['images']} images in {stats['shards_done_now']} shards"
+        + (f" ({stats['shards_skipped']} were already done)" if resumed else "")
+    )
     return (
-        f"{stats['rows']} rows from {stats['images']} images ({stats['errors']} failed to decode) in "
-        f"{stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s; "
-        f"{stats['shards_done_now']} shards done now, {stats['shards_skipped']} already done; manifest: {manifest}"
+        f"{totals}; {added} in {stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s; manifest: {manifest}"
     )

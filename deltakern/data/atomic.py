@@ -1,18 +1,59 @@
 """Crash-safe file writes: write a temporary sibling, flush it to disk, rename it into place.
 
 A reader (or a resumed run) therefore sees either the old file or the complete new one, never
-a truncated file under the final name. Every module that writes results goes through here.
+a truncated file under the final name. Every module that writes results goes through here. A
+write the file system refuses (disk full, no permission, read-only directory) raises
+:class:`WriteFailed` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from deltakern.core.errors import DeltakernError
+
+# errno values that mean "this output cannot be written here" (as opposed to a bug): disk full,
+# quota, permissions, read-only file system, file too large, I/O error.
+WRITE_ERRNOS = frozenset(
+    e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO)
+    if e is not None
+)
+
+
+class WriteFailed(DeltakernError, OSError):
+    """Writing an output file failed (disk full, no permission, read-only directory).
+
+    Nothing was written under the file's name: the old file, if any, is intact and the
+    temporary file is removed, so a rerun after the cause is fixed resumes.
+    """
+
+    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        code = errno.errorcode.get(cause.errno or -1)
+        super().__init__(
+            f"cannot write {os.fspath(path)}: {reason}{f' ({code})' if code else ''}; nothing was written "
+            "under that name. Free space or fix the permissions, then rerun the same command to resume."
+        )
+        self.errno = cause.errno
+        self.filename = os.fspath(path)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError that says the file system refused the write (also when a writer library like
+    pyarrow kept only the message, not the errno)."""
+    if not isinstance(exc, OSError) or isinstance(exc, WriteFailed):
+        return False
+    if exc.errno in WRITE_ERRNOS:
+        return True
+    message = str(exc)
+    return any(os.strerror(e) in message for e in WRITE_ERRNOS)
 
 
 def _read_umask() -> int:
@@ -43,8 +84,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     Temporary files are named ``.{name}.*.tmp``: :func:`remove_stale_temporaries` finds the
     ones a killed process left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if _is_write_failure(exc):
+            raise WriteFailed(path, exc) from exc
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,9 +98,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if _is_write_failure(exc):
+            raise WriteFailed(path, exc) from exc  # type: ignore[arg-type]
         raise
 
 

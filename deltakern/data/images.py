@@ -25,6 +25,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,18 +36,6 @@ from typing import Any
 import torch
 
 from deltakern.core.errors import InvalidArgument
-
-
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    """What reading or decoding an image may raise: I/O and format errors (``OSError`` covers
-    PIL's ``UnidentifiedImageError`` and truncated files), the parsers' own ``SyntaxError``,
-    ``EOFError``, ``ValueError`` and ``struct.error``, and PIL's decompression-bomb error."""
-    import struct
-
-    from PIL import Image
-
-    return (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
-
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -252,31 +241,138 @@ def read_image_bytes(item: ImageItem) -> bytes:
         return f.read()
 
 
+# How an image becomes the RGB picture the model's transform sees; recorded in the manifests
+# ("preprocessing"), because each rule changes the pixels.
+DECODE_RULES = {
+    "frames": "the first frame of an animated image",
+    "high_bit_depth": "16-bit and 32-bit integer images scaled to 8 bits by their nominal range; float images "
+    "in [0, 1] scaled by 255, others clipped to [0, 255]",
+    "transparency": "composited onto a white background",
+    "colour": "CMYK, palette, grey and other modes converted to RGB by PIL",
+    "too_large": "images over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS) fail",
+}
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be decoded; the message is a stable reason recorded in the manifest."""
+
+
+_ADDRESS = re.compile(r"\s*(?:at )?0x[0-9a-fA-F]+")
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message without object addresses (they change from run to run)."""
+    return _ADDRESS.sub("", str(exc)).strip() or type(exc).__name__
+
+
+def decoding_rules(*, exif_transpose: bool = True) -> dict[str, Any]:
+    """What :func:`decode_image` does to every image, for the manifest's ``preprocessing``."""
+    return {"exif_transpose": bool(exif_transpose), **DECODE_RULES}
+
+
+def decode_image(data: bytes, *, exif_transpose: bool = True) -> Any:
+    """Decode encoded image bytes into an RGB ``PIL.Image`` following :data:`DECODE_RULES`.
+
+    With ``exif_transpose`` the EXIF orientation tag is applied (a phone photo stored rotated
+    comes out upright). Raises :class:`ImageDecodeError` with a stable, specific reason
+    ("empty file (0 bytes)", "not a recognised image format", "truncated JPEG: ...") for
+    anything that is not a decodable image; PIL's own warnings are not shown (one line per image
+    in the manifest instead of a flood on the terminal).
+    """
+    import struct
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if len(data) == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Over the limit: a warning from PIL up to twice the limit, an error above; both fail here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        fmt = "image"
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format or fmt
+                _check_size(img.size, Image.MAX_IMAGE_PIXELS)
+                img.seek(0)  # the first frame of an animated GIF/WebP/PNG
+                img.load()  # decode now: truncated files fail here
+                if exif_transpose:
+                    img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+        except ImageDecodeError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageDecodeError("not a recognised image format") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError(f"image too large: {_reason(exc)}") from None
+        except (OSError, SyntaxError, EOFError, ValueError, struct.error, MemoryError) as exc:
+            message = _reason(exc)
+            kind = "truncated" if "truncat" in message.lower() or isinstance(exc, EOFError) else "corrupt"
+            raise ImageDecodeError(f"{kind} {fmt}: {message}") from None
+
+
+def _check_size(size: tuple[int, int], limit: int | None) -> None:
+    """Refuse an image over PIL's decompression-bomb limit from its header, before decoding it."""
+    pixels = size[0] * size[1]
+    if limit is not None and pixels > limit:
+        raise ImageDecodeError(
+            f"image too large: {size[0]}x{size[1]} = {pixels} pixels is over the decompression-bomb limit of "
+            f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
+def _to_rgb(img: Any) -> Any:
+    """8-bit RGB from any PIL mode (see :data:`DECODE_RULES`)."""
+    import numpy as np
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img)
+        if mode.startswith("I;16") or (mode == "I" and a.size and int(a.max()) > 255):
+            a = np.clip(a.astype(np.float64), 0, 65535) / 257.0  # full 16-bit range onto 0..255
+        elif mode == "F" and a.size and float(np.nanmax(a)) <= 1.0:
+            a = a.astype(np.float64) * 255.0
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0)
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        return grey.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return img.copy()
+    return img.convert("RGB")
+
+
 class DecodeDataset(torch.utils.data.Dataset):
     """Decodes images with ``preprocess`` (runs in DataLoader workers).
 
     Item ``i`` is ``(i, tensor or None, error or None, seconds)``: a failure to read or decode
-    is returned as its message, never raised, so one bad file cannot stop a run.
+    is returned as its reason (:func:`decode_image`), never raised, so one bad file cannot stop
+    a run.
     """
 
-    def __init__(self, items: Sequence[ImageItem], preprocess: Callable):
+    def __init__(self, items: Sequence[ImageItem], preprocess: Callable, *, exif_transpose: bool = True):
         self.items = items
         self.preprocess = preprocess
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, float]:
-        from PIL import Image
-
-        DECODE_ERRORS = _decode_errors()
         start = time.perf_counter()
         try:
-            with Image.open(io.BytesIO(read_image_bytes(self.items[i]))) as img:
-                img.load()  # decode now: truncated files fail here, inside the try
-                rgb = img.convert("RGB")
-        except DECODE_ERRORS as exc:  # a file that cannot be read or decoded is data, not a crash
-            return i, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
+            data = read_image_bytes(self.items[i])
+        except OSError as exc:
+            # The path is in the record's source; strerror keeps the reason the same everywhere.
+            return i, None, f"cannot read file: {exc.strerror or _reason(exc)}", time.perf_counter() - start
+        try:
+            rgb = decode_image(data, exif_transpose=self.exif_transpose)
+        except ImageDecodeError as exc:  # a file that cannot be decoded is data, not a crash
+            return i, None, str(exc), time.perf_counter() - start
         # Outside the try: an error in preprocessing is a bug (of the model's transform or of
         # deltakern), and must stop the run rather than be recorded against the image.
         tensor = self.preprocess(rgb)

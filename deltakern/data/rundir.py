@@ -1,16 +1,25 @@
 """The run directory of a resumable job: one output and one JSON record per finished shard,
-and ``run.json`` holding the arguments that shape the output (a rerun with others is refused)."""
+``run.json`` holding the arguments that shape the output (a rerun with others is refused), and
+a lock file that keeps two runs from writing one output at the same time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deltakern.data.atomic import write_json
+from deltakern.core.errors import InvalidArgument
+from deltakern.data.atomic import WriteFailed, write_json
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".deltakern.lock"
+
+
+class RunLocked(InvalidArgument):
+    """Another process holds the run directory's lock (it is writing the same output)."""
 
 
 def read_json(path: Path) -> Any:
@@ -40,12 +49,46 @@ class RunDir:
     def write_record(self, index: int, record: dict[str, Any]) -> None:
         write_json(self.record_path(index), record)
 
-    def claim(self, args: dict[str, Any], what: str) -> str | None:
-        """Create ``run.json`` with ``args``, or check it matches; the refusal message or None."""
-        self.path.mkdir(parents=True, exist_ok=True)
+    @contextlib.contextmanager
+    def lock(self, what: str) -> Iterator[None]:
+        """Hold the directory's lock for the block, or raise :class:`RunLocked` at once.
+
+        ``flock`` on ``.deltakern.lock``: the operating system releases it when the holder exits,
+        however it exits, so a killed run never leaves the output locked. Creating the directory
+        and the lock file is also the check that the output can be written at all
+        (:class:`~deltakern.data.atomic.WriteFailed` otherwise).
+        """
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            yield
+            return
+        lock_path = self.path / LOCK_FILE
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise WriteFailed(lock_path, exc) from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                raise RunLocked(
+                    f"{what} is already running (process {holder or 'unknown'} holds {lock_path}); two runs "
+                    "must not write one output. Wait for it to finish, or choose another --out.",
+                    param="out",
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def check(self, args: dict[str, Any], what: str) -> str | None:
+        """The refusal message when ``run.json`` records other arguments than ``args``, else None."""
         run_file = self.path / RUN_FILE
         if not run_file.is_file():
-            write_json(run_file, {"args": args})
             return None
         previous = read_json(run_file).get("args", {})
         changed = [
@@ -60,6 +103,13 @@ class RunDir:
             f"({'; '.join(changed)}). Rerun with the original arguments to resume, or choose "
             f"another --out (or delete {self.path}) to start over."
         )
+
+    def claim(self, args: dict[str, Any], what: str) -> str | None:
+        """Create ``run.json`` with ``args``, or check it matches; the refusal message or None."""
+        message = self.check(args, what)
+        if message is None and not (self.path / RUN_FILE).is_file():
+            write_json(self.path / RUN_FILE, {"args": args})
+        return message
 
 
 # run.json keys whose values are fingerprints, and what a user changed to alter them

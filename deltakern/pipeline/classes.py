@@ -1,32 +1,45 @@
 """The class embeddings ``W [K, D]`` a score run uses: zero-shot from class names and templates
-(cached), or from a prompt-tuning checkpoint."""
+(cached), or from a prompt-tuning checkpoint.
+
+Everything that can be read without the model (class names, templates, the checkpoint's class
+list) is read first, by :func:`plan_classes`, so that a missing or empty file, or ``c`` larger
+than the number of classes, fails before any weights are loaded.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from deltakern.clip import zeroshot
 from deltakern.clip.models import weights_identity
-from deltakern.core.errors import InvalidArgument
+from deltakern.core.errors import DeltakernError, InvalidArgument
 from deltakern.data.text import read_lines
 from deltakern.prompt.checkpoint import class_embeddings_from_checkpoint, load_checkpoint
 
 
-def class_embeddings(
-    clip: Any,
-    *,
-    classes: str | None = None,
-    imagenet: bool = False,
-    templates: str = "openai",
-    prompts: str | None = None,
-    cache_dir: str | None = None,
-    seed: int = 0,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
-    """``(W [K, D] float32 on the model's device, class names, identity of W for run.json)``.
+@dataclass(frozen=True)
+class ClassPlan:
+    """What a score run's classes will be, known before the model loads."""
+
+    names: list[str]
+    templates: list[str] | None  # None with prompts
+    prompts: str | None
+    identity: dict[str, Any]  # recorded in run.json
+
+    @property
+    def count(self) -> int:
+        """K, the number of classes."""
+        return len(self.names)
+
+
+def plan_classes(
+    *, classes: str | None = None, imagenet: bool = False, templates: str = "openai", prompts: str | None = None
+) -> ClassPlan:
+    """Read the class names, templates and prompt checkpoint's class list (no model needed).
 
     Class names come from ``classes`` (a text file, one name per line) or ImageNet-1k.
     ``templates`` is a preset (``openai``, ``simple``, ``single``) or a text file with one
@@ -37,37 +50,72 @@ def class_embeddings(
         raise InvalidArgument("give either classes (a file of class names) or imagenet, not both", param="classes")
     names: list[str] | None = None
     if classes is not None:
-        names = read_lines(classes, name="classes")
+        names = _read(classes, "classes")
     elif imagenet:
         names = list(zeroshot.imagenet_classnames())
     if prompts is not None:
-        W, saved_names = _prompt_class_embeddings(prompts, clip)
-        names = names or saved_names or [f"class_{k}" for k in range(W.shape[0])]
-        if len(names) != W.shape[0]:
+        saved = _checkpoint_classnames(prompts)
+        if names is not None and saved is not None and len(names) != len(saved):
             raise InvalidArgument(
-                f"prompts {prompts} gives {W.shape[0]} classes but the class names list {len(names)}", param="prompts"
+                f"prompts {prompts} gives {len(saved)} classes but the class names list {len(names)}", param="prompts"
             )
+        names = names or saved
+        if names is None:
+            raise InvalidArgument(f"prompts {prompts} stores no class names; give classes or imagenet", param="prompts")
         identity = {"prompts": weights_identity(prompts), "classnames_sha256": zeroshot.classnames_hash(names)}
-        return W.float(), names, identity
+        return ClassPlan(names=names, templates=None, prompts=prompts, identity=identity)
     if names is None:
         raise InvalidArgument("class names are needed: give classes, imagenet or prompts", param="classes")
     template_list = (
-        zeroshot.template_preset(templates) if templates in zeroshot.TEMPLATE_PRESETS else read_lines(templates, name="templates")
-    )
-    W = zeroshot.cached_class_embeddings(
-        clip, names, template_list, cache_dir=cache_dir, seed=seed, autocast_dtype=autocast_dtype
+        zeroshot.template_preset(templates) if templates in zeroshot.TEMPLATE_PRESETS else _read(templates, "templates")
     )
     identity = {
         "classnames_sha256": zeroshot.classnames_hash(names),
         "templates_sha256": zeroshot.templates_hash(template_list),
     }
-    return W, names, identity
+    return ClassPlan(names=names, templates=template_list, prompts=None, identity=identity)
 
 
-def _prompt_class_embeddings(path: str, clip: Any) -> tuple[torch.Tensor, list[str] | None]:
-    """Class embeddings from a prompt checkpoint, and the class names it stores."""
+def class_embeddings(
+    clip: Any,
+    plan: ClassPlan,
+    *,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``W [K, D]`` float32 on the model's device for the classes of ``plan``."""
+    if plan.prompts is not None:
+        W = class_embeddings_from_checkpoint(plan.prompts, clip.model, clip.tokenizer, clip.device)
+        if W.shape[0] != plan.count:
+            raise InvalidArgument(
+                f"prompts {plan.prompts} gives {W.shape[0]} classes but the class names list {plan.count}", param="prompts"
+            )
+        return W.float()
+    return zeroshot.cached_class_embeddings(
+        clip, plan.names, plan.templates, cache_dir=cache_dir, seed=seed, autocast_dtype=autocast_dtype
+    )
+
+
+def _read(path: str, name: str) -> list[str]:
+    try:
+        return read_lines(path, name=name)
+    except DeltakernError as exc:
+        exc.param = exc.param or name
+        raise
+
+
+def _checkpoint_classnames(path: str) -> list[str] | None:
+    """The class names a prompt checkpoint stores; a clear error when it cannot be read."""
     if not os.path.isfile(path):
         raise InvalidArgument(f"prompts must be a prompt-tuning checkpoint file, got {path!r} (no such file)", param="prompts")
-    W = class_embeddings_from_checkpoint(path, clip.model, clip.tokenizer, clip.device)
-    names = load_checkpoint(path).get("classnames")
-    return W, list(names) if names else None
+    try:
+        checkpoint = load_checkpoint(path)
+    except DeltakernError as exc:
+        raise InvalidArgument(f"prompts: {exc}", param="prompts") from None
+    except Exception as exc:  # torch.load on a file that is not a checkpoint: pickle, zip or I/O errors
+        raise InvalidArgument(
+            f"prompts: cannot read {path!r} as a prompt-tuning checkpoint ({type(exc).__name__}: {exc})", param="prompts"
+        ) from None
+    names = checkpoint.get("classnames")
+    return [str(n) for n in names] if names else None

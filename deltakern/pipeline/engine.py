@@ -34,6 +34,7 @@ streaming seconds (``wall_s - setup_s``, slowest rank).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +43,7 @@ from typing import Any
 
 import torch
 
-from deltakern.core.errors import InvalidArgument
+from deltakern.core.errors import DeltakernError, InvalidArgument
 from deltakern.data.rundir import RunDir
 from deltakern.runtime import Runtime, SectionTimer, sum_timings
 
@@ -68,6 +69,7 @@ def embed_shards(
     batch_size: int,
     workers: int,
     progress: bool,
+    exif_transpose: bool = True,
 ) -> Iterator[ShardEmbeddings]:
     """Decode (DataLoader workers) and encode the images of ``shards``, yielding shard by shard.
 
@@ -84,7 +86,7 @@ def embed_shards(
     items_per_shard = [s.list_items() for s in shards]
     flat = [item for items in items_per_shard for item in items]
     loader = DataLoader(
-        DecodeDataset(flat, clip.preprocess),
+        DecodeDataset(flat, clip.preprocess, exif_transpose=exif_transpose),
         batch_sampler=shard_batches([len(items) for items in items_per_shard], batch_size),
         num_workers=workers,
         collate_fn=collate_decoded,
@@ -179,7 +181,10 @@ def pending_shards(shards: Sequence[Any], run: RunDir, rt: Runtime) -> tuple[lis
 
 
 def finish(rt: Runtime, stats: dict[str, Any], finalize: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-    """Gather every rank's stats (the barrier), let rank 0 write the final outputs."""
+    """Gather every rank's stats (the barrier), let rank 0 write the final outputs.
+
+    ``finalize(this run's totals)`` returns the totals of the whole output (``rows``,
+    ``images``, ``errors``), which every rank gets back under the stats' ``output``."""
     all_stats = rt.gather(stats)
     total = {
         "images": sum(s["images"] for s in all_stats),
@@ -194,21 +199,54 @@ def finish(rt: Runtime, stats: dict[str, Any], finalize: Callable[[dict[str, Any
     }
     streaming_s = max(s["wall_s"] - s["setup_s"] for s in all_stats)
     total["images_per_s"] = total["images"] / streaming_s if streaming_s > 0 else 0.0
-    message = None
+    message = output = None
     if rt.rank == 0:
         try:
-            finalize(total)
+            output = finalize(total)
         except Exception as exc:  # tell the other ranks instead of leaving them waiting
-            message = f"{type(exc).__name__}: {exc}"
-            rt.broadcast(message)
+            rt.broadcast((f"{type(exc).__name__}: {exc}", None))
             raise
-    message = rt.broadcast(message)
+    message, output = rt.broadcast((message, output))
     if message is not None:
         raise RuntimeError(f"rank 0 failed to write the final output: {message}")
+    total["output"] = output
     return total
 
 
+@contextlib.contextmanager
+def exclusive(run: RunDir, rt: Runtime, what: str) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the block (:meth:`RunDir.lock`); when it cannot,
+    every rank raises the same clear error instead of writing beside the other run."""
+    with contextlib.ExitStack() as stack:
+        refusal: DeltakernError | None = None
+        if rt.rank == 0:
+            try:
+                stack.enter_context(run.lock(what))
+            except DeltakernError as exc:
+                refusal = exc
+        message = rt.broadcast(None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        if message is not None:
+            raise InvalidArgument(message, param="out")
+        yield
+
+
+def check_and_clean(run: RunDir, rt: Runtime, args: dict[str, Any], what: str, clean: Callable[[], Any]) -> None:
+    """Before the model loads: refuse a run directory started with other arguments, then (rank 0,
+    under the lock) remove the temporary files a killed run left behind."""
+    message = None
+    if rt.rank == 0:
+        message = run.check(args, what)
+        if message is None:
+            clean()
+    message = rt.broadcast(message)
+    if message is not None:
+        raise InvalidArgument(message)
+
+
 def claim(run: RunDir, rt: Runtime, args: dict[str, Any], what: str) -> None:
+    """Record ``args`` in ``run.json`` (rank 0), or refuse when it records others."""
     message = run.claim(args, what) if rt.rank == 0 else None
     message = rt.broadcast(message)
     if message is not None:

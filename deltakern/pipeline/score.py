@@ -16,13 +16,15 @@ from deltakern.core.validation import check_int_range
 from deltakern.data.atomic import write_json
 from deltakern.data.features import open_features, read_feature_shard
 from deltakern.data.rundir import RunDir
-from deltakern.pipeline.classes import class_embeddings
+from deltakern.pipeline.classes import class_embeddings, plan_classes
 from deltakern.pipeline.encode import MANIFEST_VERSION
 from deltakern.pipeline.engine import (
     ShardEmbeddings,
     all_records,
+    check_and_clean,
     claim,
     embed_shards,
+    exclusive,
     feature_stream,
     finish,
     pending_shards,
@@ -61,14 +63,21 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
 
     Writes ``settings.out`` (parquet, one row per image that decoded: ``id``, ``source``,
     ``pred``, ``pred_name``, ``delta_energy``, ``energy``, ``msp``, ``max_logit``,
-    ``topk_indices``), the manifest beside it (``x.manifest.json``: arguments, model, classes,
-    counts, per-shard parts, images that failed to decode, timing) and per-shard parts under
-    ``x.parts/``. Scores come from :func:`deltakern.score` with the settings' ``c``,
-    ``temperature``, ``reset``, ``mode`` and ``backend``. With ``features`` the model and weights
-    default to those of the encode run (and must match when given). Resumable and
-    torchrun-aware (``deltakern.pipeline``). Returns this invocation's stats.
+    ``topk_indices``), the manifest beside it (``x.manifest.json``: arguments, model,
+    preprocessing, classes, counts, per-shard parts, images that failed to decode, timing) and
+    per-shard parts under ``x.parts/``. Scores come from :func:`deltakern.score` with the
+    settings' ``c``, ``temperature``, ``reset``, ``mode`` and ``backend``. With ``features`` the
+    model and weights default to those of the encode run (and must match when given).
+
+    Everything checkable without the model is checked before it loads: the sources, the class
+    names, templates and prompt checkpoint, ``c`` against the number of classes, that the output
+    can be written, that no other run holds it, and that a previous run in it used the same
+    arguments. Resumable and torchrun-aware (``deltakern.pipeline``). Returns this invocation's
+    stats, with the whole output's totals under ``output``.
     """
-    from deltakern.clip.models import load_model
+    from deltakern.clip.models import check_model, load_model, weights_identity
+    from deltakern.data.atomic import remove_stale_temporaries
+    from deltakern.data.images import decoding_rules
 
     if not isinstance(settings, ScoreSettings):
         raise InvalidArgumentType(f"settings must be a ScoreSettings, got {type(settings).__name__}")
@@ -76,29 +85,23 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
     out_path, manifest_path, parts_dir = output_paths(s.out)
     start = time.perf_counter()
     shards, source_args, model, pretrained, feature_manifest = _source(s)
+    plan = plan_classes(classes=s.classes, imagenet=s.imagenet, templates=s.templates, prompts=s.prompts)
+    c = check_int_range("c", s.c, 1, plan.count)
+    check_model(model, pretrained)
+    preprocessing = None if feature_manifest is not None else decoding_rules(exif_transpose=s.exif_transpose)
 
     rt = make_runtime(s.device, s.precision, s.dist_backend)
+    run = RunDir(parts_dir, "part", ".parquet")
+    what = f"the score run for {out_path}"
     try:
-        clip = load_model(model, pretrained, device=rt.device, seed=s.seed)
-        W, names, class_identity = class_embeddings(
-            clip,
-            classes=s.classes,
-            imagenet=s.imagenet,
-            templates=s.templates,
-            prompts=s.prompts,
-            cache_dir=s.cache_dir,
-            seed=s.seed,
-            autocast_dtype=rt.autocast_dtype,
-        )
-        c = check_int_range("c", s.c, 1, W.shape[0])
         chosen_backend = scoring.resolve_backend(s.backend, rt.device, c)
         args = {
             "task": "score",
             "model": model,
-            "pretrained": clip.describe()["weights"],
+            "pretrained": weights_identity(pretrained),
             "seed": s.seed,
             **source_args,
-            **class_identity,
+            **plan.identity,
             "c": c,
             "temperature": s.temperature,
             "reset": s.reset,
@@ -107,52 +110,70 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
             "precision": rt.precision,
             "device": rt.device.type,
         }
-        run = RunDir(parts_dir, "part", ".parquet")
-        claim(run, rt, args, f"the score run for {out_path}")
-        pending, skipped = pending_shards(shards, run, rt)
-        setup_s = time.perf_counter() - start
+        if preprocessing is not None:
+            args["exif_transpose"] = s.exif_transpose
 
-        def score_rows(X: torch.Tensor):
-            if X.shape[0] == 0:
-                return None
-            return scoring.score(X, W, temperature=s.temperature, c=c, reset=s.reset, mode=s.mode, backend=chosen_backend)
+        def clean() -> None:
+            remove_stale_temporaries(parts_dir)
+            remove_stale_temporaries(out_path.parent, out_path.name)
+            remove_stale_temporaries(out_path.parent, manifest_path.name)
 
-        if feature_manifest is not None:
-            stream = feature_stream(pending, rt, read_feature_shard, progress)
-        else:
-            stream = embed_shards(clip, pending, rt, batch_size=s.batch_size, workers=s.workers, progress=progress)
+        with exclusive(run, rt, what):
+            check_and_clean(run, rt, args, what, clean)
+            clip = load_model(model, pretrained, device=rt.device, seed=s.seed)
+            W = class_embeddings(clip, plan, cache_dir=s.cache_dir, seed=s.seed, autocast_dtype=rt.autocast_dtype)
+            claim(run, rt, args, what)
+            pending, skipped = pending_shards(shards, run, rt)
+            setup_s = time.perf_counter() - start
 
-        def write_shard(shard: ShardEmbeddings) -> None:
-            with shard.timer.section("score_s"):
-                result = score_rows(shard.embeddings)
-            with shard.timer.host_section("write_s"):
-                write_parquet_atomic(scores_table(shard.ids, shard.sources, result, names, c), run.output(shard.index))
+            def score_rows(X: torch.Tensor):
+                if X.shape[0] == 0:
+                    return None
+                return scoring.score(X, W, temperature=s.temperature, c=c, reset=s.reset, mode=s.mode, backend=chosen_backend)
 
-        stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
-
-        def finalize(total: dict[str, Any]) -> dict[str, Any]:
-            records = all_records(run, shards)
-            merge_parts([run.output(sh.index) for sh in shards], out_path, scores_schema(c))
-            errors = [e for r in records for e in r["errors"]]
             if feature_manifest is not None:
-                errors = feature_manifest["errors"] + errors
-            manifest = {
-                "kind": "deltakern-scores",
-                "version": MANIFEST_VERSION,
-                "output": out_path.name,
-                "args": args,
-                "model": clip.describe(),
-                "classes": {"count": len(names), "names": names},
-                "rows": sum(r["rows"] for r in records),
-                "images": sum(r["images"] for r in records),
-                "parts": [{"index": r["index"], "file": f"{parts_dir.name}/{r['file']}", "rows": r["rows"]} for r in records],
-                "errors": errors,
-                "timing": sum_timings([r["timing"] for r in records]),
-                "last_run": total,
-            }
-            write_json(manifest_path, manifest)
-            return manifest
+                stream = feature_stream(pending, rt, read_feature_shard, progress)
+            else:
+                stream = embed_shards(
+                    clip, pending, rt, batch_size=s.batch_size, workers=s.workers, progress=progress,
+                    exif_transpose=s.exif_transpose,
+                )  # fmt: skip
 
-        return finish(rt, stats, finalize)
+            def write_shard(shard: ShardEmbeddings) -> None:
+                with shard.timer.section("score_s"):
+                    result = score_rows(shard.embeddings)
+                with shard.timer.host_section("write_s"):
+                    write_parquet_atomic(scores_table(shard.ids, shard.sources, result, plan.names, c), run.output(shard.index))
+
+            stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
+
+            def finalize(total: dict[str, Any]) -> dict[str, Any]:
+                records = all_records(run, shards)
+                merge_parts([run.output(sh.index) for sh in shards], out_path, scores_schema(c))
+                errors = [e for r in records for e in r["errors"]]
+                images = sum(r["images"] for r in records)
+                if feature_manifest is not None:
+                    # the images that failed in the encode run are part of this output's story
+                    errors = feature_manifest["errors"] + errors
+                    images += len(feature_manifest["errors"])
+                manifest = {
+                    "kind": "deltakern-scores",
+                    "version": MANIFEST_VERSION,
+                    "output": out_path.name,
+                    "args": args,
+                    "model": clip.describe(),
+                    "preprocessing": preprocessing if feature_manifest is None else feature_manifest.get("preprocessing"),
+                    "classes": {"count": plan.count, "names": plan.names},
+                    "rows": sum(r["rows"] for r in records),
+                    "images": images,
+                    "parts": [{"index": r["index"], "file": f"{parts_dir.name}/{r['file']}", "rows": r["rows"]} for r in records],
+                    "errors": errors,
+                    "timing": sum_timings([r["timing"] for r in records]),
+                    "last_run": total,
+                }
+                write_json(manifest_path, manifest)
+                return {"rows": manifest["rows"], "images": images, "errors": len(errors)}
+
+            return finish(rt, stats, finalize)
     finally:
         rt.close()

@@ -42,8 +42,10 @@ class RunOptions:
     precision: str = "auto"
     seed: int = 0
     dist_backend: str | None = None
+    exif_transpose: bool = True  # apply the EXIF orientation tag of decoded images
 
     def __post_init__(self) -> None:
+        check_bool("exif_transpose", self.exif_transpose)
         check_int_range("shard_size", self.shard_size, 1, 1 << 40)
         check_int_range("batch_size", self.batch_size, 1, 1 << 20)
         check_int_range("workers", self.workers, 0, 1024)

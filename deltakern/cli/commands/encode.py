@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deltakern.cli.options import IMAGES_HELP, add_model_options, add_run_options, is_main_process, summary
+from deltakern.cli.options import IMAGES_HELP, add_model_options, add_run_options, is_main_process, plain_warnings, summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    plain_warnings("encode")
     from deltakern.pipeline import EncodeSettings, run_encode
 
     settings = EncodeSettings(
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         seed=args.seed,
         dist_backend=args.dist_backend,
+        exif_transpose=args.exif_transpose,
     )
     stats = run_encode(settings, progress=not args.no_progress)
     if is_main_process():

@@ -10,6 +10,7 @@ from deltakern.cli.options import (
     add_run_options,
     add_score_options,
     is_main_process,
+    plain_warnings,
     summary,
 )
 
@@ -63,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    plain_warnings("score")
     from deltakern.pipeline import ScoreSettings, output_paths, run_score
 
     settings = ScoreSettings(
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         cache_dir=args.cache_dir,
         dist_backend=args.dist_backend,
+        exif_transpose=args.exif_transpose,
     )
     stats = run_score(settings, progress=not args.no_progress)
     if is_main_process():
