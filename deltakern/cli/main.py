@@ -23,6 +23,8 @@ COMMANDS = {
     "eval": "evaluate",
     "encode": "encode",
     "score": "score",
+    "calibrate": "calibrate",
+    "filter": "filter",
     "train": "train",
     "bench": "bench",
 }
