@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from deltakern.core.constants import BACKENDS, MODES, TRITON_MAX_C
-from deltakern.core.dtypes import accumulation_dtype
+from deltakern.core.dtypes import SAFE_ROW_EXPONENT, accumulation_dtype, rescale_rows, unit_row_exponents
 from deltakern.core.errors import InvalidArgument
 from deltakern.core.state import Scores, derive_scores
 from deltakern.core.validation import (
@@ -89,6 +89,21 @@ def _state(X, W, *, temperature, c, normalize, backend, allow_tf32):
     return reference.score_state(X, W, temperature=temperature, c=c, normalize=normalize)
 
 
+def _within_safe_range(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy whose rows with a largest |value| outside
+    ``2**±SAFE_ROW_EXPONENT`` are multiplied by a power of two (exact; no cosine changes).
+
+    Every backend normalises with a plain sum of squares, which underflows for tiny rows
+    (float32 rows of 1e-23 would look like zero rows, rows of 1e-21 lose digits) and overflows
+    for huge ones; after this step each backend sees rows it normalises within the contract.
+    """
+    exponents = unit_row_exponents(t)
+    outside = exponents.abs() > SAFE_ROW_EXPONENT
+    if not bool(outside.any()):
+        return t
+    return rescale_rows(t, torch.where(outside, exponents, torch.zeros_like(exponents)))
+
+
 def score_modes(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -104,10 +119,22 @@ def score_modes(
     """Like :func:`score`, for several ΔEnergy modes from ONE pass over the data.
 
     Both modes derive from the same per-row top-c state, so ``{"separate": ..., "joint": ...}``
-    costs one kernel launch. Returns ``{mode: Scores}`` in the order of ``modes``.
+    costs one kernel launch. Returns ``{mode: Scores}`` in the order of ``modes``. Inference
+    only, like :func:`score`: the outputs carry no autograd graph.
     """
+    # Scores are inference-only on every backend (docs/conventions.md §8.7): no graph is built
+    # even when X or W require grad, so the C++ and Triton ops (no backward) and the reference
+    # (which would build one) behave alike. dk.ebm_loss is the differentiable objective.
+    with torch.no_grad():
+        return _score_modes(
+            X, W, modes=modes, temperature=temperature, c=c, reset=reset, normalize=normalize,
+            backend=backend, allow_tf32=allow_tf32,
+        )
+
+
+def _score_modes(X, W, *, modes, temperature, c, reset, normalize, backend, allow_tf32) -> dict[str, Scores]:
     normalize = check_bool("normalize", normalize)
-    X, W = check_inputs(X, W, normalize=normalize)
+    X, W = check_inputs(X, W, normalize=normalize, rescales_rows=True)
     temperature = check_positive("temperature", temperature)
     c = check_int_range("c", c, 1, W.shape[0])
     reset = check_finite_number("reset", reset)
@@ -120,8 +147,10 @@ def score_modes(
         # The Triton kernel multiplies in float32 at most; float64 inputs keep float64 end to
         # end through the reference. Say so when Triton was asked for by name.
         if backend == "triton":
-            warnings.warn("float64 inputs are scored by the reference backend (the Triton kernel is float32 at most)", stacklevel=2)
+            warnings.warn("float64 inputs are scored by the reference backend (the Triton kernel is float32 at most)", stacklevel=3)
         chosen = "reference"
+    if normalize:
+        X, W = _within_safe_range(X), _within_safe_range(W)
     top_v, top_i, outside = _state(
         X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
     )
@@ -154,6 +183,10 @@ def score(
     ``"auto"``, ``"triton"`` (CUDA), ``"cpp"`` (CPU extension) or ``"reference"``.
     ``allow_tf32`` lets the Triton kernel use plain TF32 for float32 inputs (faster, less
     exact; see the README). The [N, K] logits matrix is never stored; inputs are not modified.
+    Scores are inference-only: they are computed without autograd on every backend and carry
+    no graph even when ``X`` or ``W`` require grad (use :func:`deltakern.ebm_loss` for a
+    differentiable objective). Any finite non-zero row is normalised within the accuracy
+    contract, however tiny or huge (it is rescaled by a power of two first).
     """
     check_choice("mode", mode, MODES)
     return score_modes(

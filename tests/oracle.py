@@ -12,11 +12,17 @@ import torch
 from deltakern.core.constants import score_tolerance
 
 
+def unit_rows64(t: torch.Tensor) -> torch.Tensor:
+    """Rows of a float64 tensor at unit L2 norm; divided by their largest |value| first, so a
+    row as tiny as 1e-300 (whose squares underflow float64) is normalised too."""
+    t = t / t.abs().amax(dim=1, keepdim=True)
+    return t / t.norm(dim=1, keepdim=True)
+
+
 def logits64(X: torch.Tensor, W: torch.Tensor, temperature: float, normalize: bool = True) -> torch.Tensor:
     x, w = X.double(), W.double()
     if normalize:
-        x = x / x.norm(dim=1, keepdim=True)
-        w = w / w.norm(dim=1, keepdim=True)
+        x, w = unit_rows64(x), unit_rows64(w)
     return (x @ w.T) / temperature
 
 

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from oracle import assert_close_contract, assert_indices_match, confident_rows, scores64
 
 import deltakern as dk
+from deltakern.ops.triton import interpreter_active
 from deltakern.reference import scoring as reference
 
 CPU_BACKENDS = [b for b in ("reference", "cpp") if b in dk.available_backends("cpu")]
+# Under TRITON_INTERPRET=1 (the subprocess of test_triton_interpreted) the Triton kernel runs on
+# CPU tensors too; the tests that take ALL_BACKENDS then cover it.
+INTERPRETED = importlib.util.find_spec("triton") is not None and interpreter_active()
+ALL_BACKENDS = CPU_BACKENDS + (["triton"] if "triton" in dk.available_backends("cpu") else [])
 SCORE_FIELDS = ("delta_energy", "delta_energy_terms", "energy", "max_logit", "msp", "topk_values")
 # (temperature, reset) settings cycled over the shapes so each shape meets one of them
 SETTINGS = [(0.01, 0.0), (1.0, 0.1), (0.01, -0.2)]
@@ -105,28 +115,193 @@ def test_backends_agree_with_each_other_and_c_equals_k():
     torch.testing.assert_close(results[0].delta_energy.double(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_c_equal_one_modes_agree_and_convenience_functions():
+def test_c_equal_one_modes_agree():
     X, W = make_inputs(50, 40, 24, seed=2)
     sep = dk.score(X, W, c=1, mode="separate")
     joint = dk.score(X, W, c=1, mode="joint")
     torch.testing.assert_close(sep.delta_energy, joint.delta_energy)
-    torch.testing.assert_close(dk.delta_energy(X, W), sep.delta_energy)
-    torch.testing.assert_close(dk.energy(X, W), sep.energy)
-    torch.testing.assert_close(dk.max_logit(X, W), sep.max_logit)
-    torch.testing.assert_close(dk.msp(X, W), sep.msp)
-    want_mcm = scores64(X, W, temperature=1.0)["msp"]
-    assert_close_contract(dk.mcm(X, W), want_mcm, torch.float32, "mcm")
 
 
-def test_terms_give_every_smaller_c():
+# Non-default settings, so that a wrapper that drops or alters a keyword is caught.
+WRAPPER_KWARGS = [
+    {},
+    {"temperature": 0.05, "c": 3, "reset": 0.1, "mode": "joint"},
+    {"temperature": 0.02, "c": 2, "reset": -0.3, "mode": "separate", "normalize": False},
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kwargs", WRAPPER_KWARGS, ids=["defaults", "joint", "separate-unnormalised"])
+def test_convenience_functions_match_the_float64_oracle(backend, kwargs):
+    X, W = make_inputs(50, 40, 24, seed=2)
+    want = scores64(X, W, **kwargs)
+    for fn, field in ((dk.delta_energy, "delta_energy"), (dk.energy, "energy"),
+                      (dk.max_logit, "max_logit"), (dk.msp, "msp")):
+        assert_close_contract(fn(X, W, backend=backend, **kwargs), want[field], torch.float32, fn.__name__)
+    # MCM: MSP of the cosines at its own temperature (default T = 1), same other keywords.
+    mcm_kwargs = {k: v for k, v in kwargs.items() if k != "temperature"}
+    assert_close_contract(dk.mcm(X, W, backend=backend, **mcm_kwargs),
+                          scores64(X, W, temperature=1.0, **mcm_kwargs)["msp"], torch.float32, "mcm")
+    assert_close_contract(dk.mcm(X, W, temperature=0.5, backend=backend, **mcm_kwargs),
+                          scores64(X, W, temperature=0.5, **mcm_kwargs)["msp"], torch.float32, "mcm T=0.5")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_terms_give_every_smaller_c(backend):
+    # docs/conventions.md §2.2: separate mode, ΔEnergy at c' is the sum of the first c' columns;
+    # joint mode, column c' is ΔEnergy at c'. Checked against the float64 oracle at each c'.
     X, W = make_inputs(40, 30, 16, seed=9)
-    full = dk.score(X, W, c=5, mode="separate")
+    kwargs = dict(temperature=0.03, reset=0.05, backend=backend)
+    sep = dk.score(X, W, c=5, mode="separate", **kwargs).delta_energy_terms.double()
+    joint = dk.score(X, W, c=5, mode="joint", **kwargs).delta_energy_terms
     for c in range(1, 6):
-        smaller = dk.score(X, W, c=c, mode="separate")
-        torch.testing.assert_close(full.delta_energy_terms[:, :c].sum(1), smaller.delta_energy, rtol=1e-5, atol=1e-5)
-        joint_full = dk.score(X, W, c=5, mode="joint")
-        joint_c = dk.score(X, W, c=c, mode="joint")
-        torch.testing.assert_close(joint_full.delta_energy_terms[:, c - 1], joint_c.delta_energy, rtol=1e-5, atol=1e-5)
+        want_sep = scores64(X, W, c=c, mode="separate", temperature=0.03, reset=0.05)
+        want_joint = scores64(X, W, c=c, mode="joint", temperature=0.03, reset=0.05)
+        assert_close_contract(sep[:, c - 1], want_sep["delta_energy_terms"][:, c - 1], torch.float32, f"term {c}")
+        assert_close_contract(sep[:, :c].sum(1), want_sep["delta_energy"], torch.float32, f"separate c'={c}")
+        assert_close_contract(joint[:, c - 1], want_joint["delta_energy"], torch.float32, f"joint c'={c}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_score_modes_returns_the_modes_asked_for(backend):
+    X, W = make_inputs(33, 12, 20, seed=8)
+    kwargs = dict(temperature=0.05, c=3, reset=0.2)
+    for modes in (("joint",), ("separate",), ("joint", "separate")):
+        got = dk.score_modes(X, W, modes=modes, backend=backend, **kwargs)
+        assert tuple(got) == modes
+        for mode, scores in got.items():
+            want = scores64(X, W, mode=mode, **kwargs)
+            for field in SCORE_FIELDS:
+                assert_close_contract(getattr(scores, field), want[field], torch.float32, f"{modes}/{mode}/{field}")
+    for bad in ("joint", (), ("joint", "both")):
+        with pytest.raises(ValueError, match="mode"):
+            dk.score_modes(X, W, modes=bad, backend=backend)
+
+
+def _grad_inputs(seed=12, n=7, k=6, d=20):
+    X, W = make_inputs(n, k, d, seed=seed)
+    return X.requires_grad_(), W.requires_grad_()
+
+
+SCORE_FUNCTIONS = {
+    "score": lambda X, W, **kw: dk.score(X, W, **kw).as_dict(),
+    "score_modes": lambda X, W, **kw: {
+        f"{m}.{f}": v for m, s in dk.score_modes(X, W, modes=("joint", "separate"), **kw).items()
+        for f, v in s.as_dict().items()
+    },
+    "delta_energy": lambda X, W, **kw: {"delta_energy": dk.delta_energy(X, W, **kw)},
+    "energy": lambda X, W, **kw: {"energy": dk.energy(X, W, **kw)},
+    "max_logit": lambda X, W, **kw: {"max_logit": dk.max_logit(X, W, **kw)},
+    "msp": lambda X, W, **kw: {"msp": dk.msp(X, W, **kw)},
+    "mcm": lambda X, W, **kw: {"mcm": dk.mcm(X, W, **kw)},
+}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("name", list(SCORE_FUNCTIONS))
+def test_scores_are_inference_only(backend, name):
+    # docs/conventions.md §8.7: inputs that require grad are scored like any others and the
+    # outputs carry no graph, on every backend (the C++ op used to fail inside torch.mm and
+    # the reference returned differentiable outputs).
+    fn = SCORE_FUNCTIONS[name]
+    X, W = _grad_inputs()
+    with torch.enable_grad():
+        got = fn(X, W, c=2, backend=backend)
+    want = fn(X.detach(), W.detach(), c=2, backend=backend)
+    assert set(got) == set(want)
+    for field, value in got.items():
+        assert not value.requires_grad and value.grad_fn is None, f"{name}.{field} carries a graph"
+        assert torch.equal(value, want[field]), f"{name}.{field} differs from the no-grad call"
+    assert X.grad is None and W.grad is None and X.requires_grad and W.requires_grad
+    # A leaf W seen through a view (W straight from a module's parameter) works too.
+    linear = torch.nn.Linear(20, 6, bias=False)
+    with torch.enable_grad():
+        out = fn(X, linear.weight, backend=backend)
+    assert all(v.grad_fn is None for v in out.values())
+
+
+# Largest |value| of a row: 1e-21 already lost digits in a float32 sum of squares, 1e-23 and
+# below underflowed to a "zero-norm" row; subnormal rows keep only a few bits but are still
+# non-zero. 1e30 overflowed the sum of squares.
+TINY_SCALES = [1e-21, 1e-23, 1e-30, 1e30]
+
+
+def _tiny_rows(scale, seed=5, n=9, k=7, d=24, dtype=torch.float32):
+    X, W = make_inputs(n, k, d, seed=seed, dtype=dtype)
+    X[::2] *= scale  # every other row tiny (or huge), the rest ordinary
+    W[1::3] *= scale
+    assert bool((X[::2] != 0).any(dim=1).all()) and bool((W[1::3] != 0).any(dim=1).all())
+    return X, W
+
+
+def _subnormal_rows(dtype=torch.float32):
+    X, W = make_inputs(9, 7, 24, seed=6)
+    tiny = torch.finfo(dtype).tiny  # smallest normal: everything below it is subnormal
+    X, W = X.to(dtype).clone(), W.to(dtype).clone()
+    X[0] = (X[0] * tiny / 8).to(dtype)  # all entries subnormal
+    X[1] = 0.0
+    X[1, 3] = tiny / 4  # one subnormal entry, the rest zero: not a zero row
+    X[2, ::2] = (X[2, ::2] * tiny * 1e-2).to(dtype)  # normal and subnormal entries mixed
+    W[2] = (W[2] * tiny / 16).to(dtype)
+    return X, W
+
+
+def _check_tiny(X, W, backend, dtype, c=2):
+    for mode in ("separate", "joint"):
+        got = dk.score(X, W, c=c, mode=mode, temperature=0.01, reset=0.05, backend=backend)
+        want = scores64(X, W, c=c, mode=mode, temperature=0.01, reset=0.05)
+        for field in SCORE_FIELDS:
+            assert_close_contract(getattr(got, field), want[field], dtype, f"{backend}/{mode}/{field}")
+        assert_indices_match(got.topk_indices, want["topk_indices"], want["logits"], dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("scale", TINY_SCALES)
+def test_tiny_and_huge_rows_are_normalised_within_the_contract(backend, scale):
+    X, W = _tiny_rows(scale)
+    X_before, W_before = X.clone(), W.clone()
+    _check_tiny(X, W, backend, torch.float32)
+    assert torch.equal(X, X_before) and torch.equal(W, W_before), "rescaling wrote into the inputs"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_subnormal_rows_are_not_zero_rows(backend):
+    X, W = _subnormal_rows()
+    _check_tiny(X, W, backend, torch.float32)
+    # Only an all-zero row is a zero-norm row.
+    X[4] = 0.0
+    with pytest.raises(ValueError, match="zero-norm row \\(row 4\\)"):
+        dk.score(X, W, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1e-30), (torch.bfloat16, 1e30), (torch.float16, 1e-6),
+                                         (torch.float64, 1e-200), (torch.float64, 1e-310), (torch.float64, 1e200)])
+def test_tiny_rows_in_other_dtypes(backend, dtype, scale):
+    X, W = _tiny_rows(scale, dtype=dtype)
+    _check_tiny(X, W, backend, dtype)
+
+
+def test_tiny_rows_without_normalisation_are_plain_dot_products():
+    X, W = _tiny_rows(1e-23)
+    got = dk.score(X, W, normalize=False, temperature=1.0)
+    want = scores64(X, W, normalize=False, temperature=1.0)
+    assert_close_contract(got.energy, want["energy"], torch.float32, "energy")
+
+
+@pytest.mark.skipif(INTERPRETED or importlib.util.find_spec("triton") is None, reason="needs triton; runs in the parent")
+def test_triton_interpreted():
+    """The inference-only and tiny-row tests above, for the Triton kernel under its CPU
+    interpreter (in a fresh process: triton fixes the mode when it is imported)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton and not interpreted",
+         "-W", "ignore::pytest.PytestAssertRewriteWarning"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=900,
+    )
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"interpreted Triton tests failed (exit {proc.returncode}):\n{report[-12000:]}"
+    assert " passed" in report and " skipped" not in report, report[-4000:]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -65,7 +65,8 @@ def test_bad_input_is_rejected_with_a_clear_message(case, fn):
     for word in words:
         assert word in message, f"{word!r} missing from {message!r}"
     if x_before is not None:
-        assert torch.equal(x, x_before) or bool(torch.isnan(x).any()), "a failed call changed X"
+        # NaN != NaN: compare with NaNs matching NaNs, bit for bit otherwise.
+        torch.testing.assert_close(x, x_before, rtol=0, atol=0, equal_nan=True, msg="a failed call changed X")
 
 
 def test_zero_rows_are_fine_without_normalisation():
@@ -84,8 +85,47 @@ def test_unavailable_backend_names_the_available_ones():
     assert "backend='triton'" in message and "available:" in message and "'reference'" in message
 
 
-def test_huge_finite_rows_are_refused_not_silently_wrong():
+def test_huge_and_tiny_rows_are_scored_when_normalised():
+    # dk.score rescales such rows by a power of two (docs/conventions.md §8.2), so a huge row
+    # scores like the same row at ordinary scale instead of being refused or garbled.
+    for scale in (1e30, 1e-23):
+        x = X.clone()
+        x[0] *= scale
+        got = dk.score(x, W, c=2)
+        want = dk.score(X, W, c=2)
+        torch.testing.assert_close(got.delta_energy, want.delta_energy, rtol=1e-5, atol=1e-5)
+
+
+def test_huge_rows_are_refused_without_normalisation():
     x = X.clone()
-    x[0] = 1e30  # finite, but its float32 norm overflows
+    x[0] = 1e30  # finite, but its float32 sum of squares overflows
     with pytest.raises(ValueError, match="norm overflows"):
+        dk.score(x, W, normalize=False)
+
+
+def test_callers_that_do_not_rescale_refuse_rows_they_cannot_normalise():
+    # The EBM loss and the kNN score normalise with a plain sum of squares: a tiny row is
+    # refused with its own message (it is not a zero row), a huge one as overflowing.
+    from deltakern.ood.knn import knn_score
+
+    labels = torch.zeros(5, dtype=torch.long)
+    for scale, words in ((1e-23, "too small to normalise"), (1e30, "norm overflows")):
+        x = X.clone()
+        x[2] *= scale
+        with pytest.raises(ValueError, match=words) as info:
+            dk.ebm_loss(x, W, labels)
+        assert "row 2" in str(info.value) and "zero-norm" not in str(info.value)
+        with pytest.raises(ValueError, match=words):
+            knn_score(x, W, k=2, backend="torch")
+    assert float(dk.ebm_loss(X * 1e-18, W, labels)) == pytest.approx(float(dk.ebm_loss(X, W, labels)), rel=1e-5)
+
+
+def test_only_all_zero_rows_are_zero_norm_rows():
+    x = X.clone()
+    x[3] = 0.0
+    x[3, 5] = 1e-45  # the smallest float32 subnormal: a non-zero row
+    dk.score(x, W)
+    x[3, 5] = 0.0
+    with pytest.raises(ValueError, match="zero-norm row \\(row 3\\)") as info:
         dk.score(x, W)
+    assert info.value.param == "X"

@@ -6,10 +6,12 @@ the argument, what was expected and what was received. Checks never modify their
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 
+from deltakern.core.dtypes import row_max_abs
 from deltakern.core.errors import InvalidArgument, InvalidArgumentType
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,25 +38,53 @@ def check_matrix(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_values(name: str, t: torch.Tensor, *, normalize: bool) -> torch.Tensor:
-    """Finite values; with ``normalize`` no zero-norm rows."""
-    # One pass over the rows: a row norm is finite exactly when the row is finite (or its norm
-    # overflows, told apart below), and it also finds zero rows. One host sync per call.
+def check_values(name: str, t: torch.Tensor, *, normalize: bool, rescales_rows: bool = False) -> torch.Tensor:
+    """Finite values; with ``normalize`` no all-zero rows.
+
+    ``rescales_rows``: the caller multiplies rows by powers of two before normalising them
+    (``dk.score`` does, see :mod:`deltakern.core.dtypes`), so with ``normalize`` every finite
+    non-zero row is accepted, however tiny or huge. Callers that normalise with a plain sum of
+    squares get an error instead of a silently wrong row: a row too small for its squares to
+    stay normal in the accumulation dtype, or whose sum of squares overflows. Without
+    ``normalize`` the logits are raw dot products, so a row whose sum of squares overflows is
+    refused either way.
+    """
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    norms = torch.linalg.vector_norm(t, dim=1, dtype=acc)
-    if not bool(torch.isfinite(norms).all()):
-        if not bool(torch.isfinite(t).all()):
-            raise InvalidArgument(f"{name} contains non-finite values (NaN or ±inf)")
+    info = torch.finfo(acc)
+    # The largest |value| per row is exact (a maximum never underflows), is NaN/inf exactly for
+    # a non-finite row, and 0 exactly for an all-zero row: one pass and one host sync decide
+    # every common case; norms are computed only for the rare rows near the overflow limit.
+    amax = row_max_abs(t).to(acc)
+    tiny_limit = math.sqrt(info.tiny)  # squares of smaller values leave the normal range
+    huge_limit = math.sqrt(info.max / t.shape[1])  # below this no sum of squares overflows
+    non_finite, zero, tiny, huge = torch.stack([
+        ~torch.isfinite(amax).all(), (amax == 0).any(), (amax < tiny_limit).any(), (amax > huge_limit).any()
+    ]).tolist()
+    if non_finite:
+        raise InvalidArgument(f"{name} contains non-finite values (NaN or ±inf)", param=name)
+    if normalize and zero:
+        row = int(torch.nonzero(amax == 0)[0, 0])
         raise InvalidArgument(
-            f"{name} has rows whose L2 norm overflows {acc}; rescale the rows or pass float64"
+            f"{name} has a zero-norm row (row {row}); rows must be non-zero when normalize=True", param=name
         )
-    if normalize:
-        zero = norms == 0
-        if bool(zero.any()):
-            row = int(torch.nonzero(zero)[0, 0])
+    if normalize and rescales_rows:
+        return t
+    if huge:
+        candidates = torch.nonzero(amax > huge_limit)[:, 0]
+        norms = torch.linalg.vector_norm(t[candidates], dim=1, dtype=acc)
+        if not bool(torch.isfinite(norms).all()):
+            row = int(candidates[int(torch.nonzero(~torch.isfinite(norms))[0, 0])])
             raise InvalidArgument(
-                f"{name} has a zero-norm row (row {row}); rows must be non-zero when normalize=True"
+                f"{name} has rows whose L2 norm overflows {acc} (row {row}); rescale the rows or pass float64",
+                param=name,
             )
+    if normalize and tiny:
+        row = int(torch.nonzero((amax < tiny_limit) & (amax > 0))[0, 0])
+        raise InvalidArgument(
+            f"{name} has a row too small to normalise in {acc} (row {row}, largest |value| "
+            f"{float(amax[row]):.3g}): its sum of squares underflows; rescale the rows or pass float64",
+            param=name,
+        )
     return t
 
 
@@ -64,14 +94,23 @@ def check_embeddings(name: str, t: object, *, normalize: bool) -> torch.Tensor:
 
 
 def check_inputs(
-    X: object, W: object, *, normalize: bool, names: tuple[str, str] = ("X", "W")
+    X: object,
+    W: object,
+    *,
+    normalize: bool,
+    names: tuple[str, str] = ("X", "W"),
+    rescales_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a pair of embedding matrices: structure of both, then their agreement, then the
-    values. ``names`` are the argument names used in messages."""
+    values (``rescales_rows`` as in :func:`check_values`). ``names`` are the argument names
+    used in messages."""
     X = check_matrix(names[0], X)
     W = check_matrix(names[1], W)
     check_pair(X, W, names)
-    return check_values(names[0], X, normalize=normalize), check_values(names[1], W, normalize=normalize)
+    return (
+        check_values(names[0], X, normalize=normalize, rescales_rows=rescales_rows),
+        check_values(names[1], W, normalize=normalize, rescales_rows=rescales_rows),
+    )
 
 
 def check_pair(X: torch.Tensor, W: torch.Tensor, names: tuple[str, str] = ("X", "W")) -> None:
