@@ -62,8 +62,8 @@ def _as_tensor(name: str, x: object) -> torch.Tensor:
         raise InvalidArgumentType(f"{name} must hold real numbers (a torch tensor or numpy array), got dtype {arr.dtype}")
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
-    if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:
-        arr = arr.astype(np.int64)  # torch lacks sorting for wide unsigned types
+    if arr.dtype.kind == "u" and 1 < arr.dtype.itemsize < 8:
+        arr = arr.astype(np.int64)  # exact; torch lacks sorting for wide unsigned types
     if arr.strides and any(s < 0 for s in arr.strides):
         arr = np.ascontiguousarray(arr)
     with warnings.catch_warnings():
@@ -83,10 +83,30 @@ def _check_scores(name: str, x: object) -> torch.Tensor:
         raise InvalidArgument(f"{name} must hold at least one score, got an empty array")
     if t.dtype == torch.bool:
         t = t.to(torch.int8)
+    if t.dtype in _NARROW_UNSIGNED:
+        t = t.to(torch.int64)  # exact
+    if t.dtype == torch.uint64 and not bool((t.view(torch.int64) < 0).any()):
+        t = t.view(torch.int64)  # every value < 2**63: the same bits as int64
+    # A uint64 tensor left here holds a value >= 2**63; it is ranked through its bit pattern.
     if t.is_floating_point() and bool(torch.isnan(t).any()):
         count = int(torch.isnan(t).sum())
         raise InvalidArgument(f"{name} must not contain NaN, got {count} NaN value(s) among {t.numel()}")
     return t
+
+
+_NARROW_UNSIGNED = tuple(getattr(torch, name) for name in ("uint16", "uint32") if hasattr(torch, name))
+_INT64_MIN = -(2**63)
+#: Integers up to this magnitude are exact in float64; larger ones may round onto a neighbour.
+_FLOAT64_EXACT_INT = 2**53
+
+
+def _beyond_float64(t: torch.Tensor) -> bool:
+    """Whether an integer score tensor holds a value float64 may not represent exactly."""
+    if t.dtype == torch.uint64:
+        return True  # holds a value >= 2**63 (smaller ones were read as int64)
+    if t.dtype != torch.int64:
+        return False
+    return bool(((t > _FLOAT64_EXACT_INT) | (t < -_FLOAT64_EXACT_INT)).any())
 
 
 def _check_tpr(tpr: object) -> float:
@@ -97,15 +117,42 @@ def _check_tpr(tpr: object) -> float:
 
 
 def _common(id_scores: torch.Tensor, ood_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One dtype for both inputs in which every value keeps its exact order, or an error.
+
+    Floats of different types meet in float64 (exact). Integers meet in int64, or in uint64 when
+    one side holds values >= 2**63 and the other no negative value (exact). An integer meets a
+    float in float64 only when every integer is at most 2**53 in magnitude: beyond that float64
+    would merge distinct scores into ties, so the call is refused.
+    """
+    names = ("id_scores", "ood_scores")
     if id_scores.device != ood_scores.device:
         raise InvalidArgument(
             f"id_scores and ood_scores must be on the same device: id_scores on {id_scores.device}, "
             f"ood_scores on {ood_scores.device}"
         )
-    if id_scores.dtype != ood_scores.dtype:
-        # float64 holds every value of the narrower float types and of int32 exactly.
-        id_scores, ood_scores = id_scores.to(torch.float64), ood_scores.to(torch.float64)
-    return id_scores, ood_scores
+    if id_scores.dtype == ood_scores.dtype:
+        return id_scores, ood_scores
+    pair = (id_scores, ood_scores)
+    floating = [t.is_floating_point() for t in pair]
+    if not any(floating):
+        if torch.uint64 not in (id_scores.dtype, ood_scores.dtype):
+            return id_scores.to(torch.int64), ood_scores.to(torch.int64)
+        big, other = (0, 1) if id_scores.dtype == torch.uint64 else (1, 0)
+        if bool((pair[other] < 0).any()):
+            raise InvalidArgument(
+                f"{names[big]} holds unsigned scores >= 2**63 and {names[other]} negative scores: no "
+                f"integer type holds both exactly; convert them to one dtype yourself", param=names[big]
+            )
+        return tuple(t if t.dtype == torch.uint64 else t.to(torch.int64).view(torch.uint64) for t in pair)
+    for i, t in enumerate(pair):
+        if not floating[i] and _beyond_float64(t):
+            raise InvalidArgument(
+                f"{names[i]} holds integer scores beyond ±2**53 while {names[1 - i]} is floating "
+                f"({pair[1 - i].dtype}): float64 cannot compare them exactly (distinct scores would tie); "
+                f"pass both as integers or both as floats", param=names[i],
+            )
+    # float64 holds every value of the narrower float types and these integers exactly.
+    return id_scores.to(torch.float64), ood_scores.to(torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +177,11 @@ def _descending_keys(scores: torch.Tensor) -> tuple[torch.Tensor, Callable[[torc
 
         bits = (scores.to(float_t) + 0.0).view(int_t)
         return ~flip(bits), lambda keys: flip(~keys).view(float_t).to(torch.float64)
+    if scores.dtype == torch.uint64:
+        # Flipping the top bit maps [0, 2**64) onto [-2**63, 2**63) in order, exactly.
+        return ~(scores.view(torch.int64) ^ _INT64_MIN), lambda keys: (
+            (~keys ^ _INT64_MIN).view(torch.uint64).to(torch.float64)
+        )
     return ~scores.to(torch.int64), lambda keys: (~keys).to(torch.float64)
 
 

@@ -107,6 +107,21 @@ def test_roc_curve_matches_sklearn_full_curve():
     assert thr[0] == float("inf")
 
 
+def test_roc_curve_with_ood_positive_has_negated_thresholds():
+    # docs/conventions.md §5.2: OOD positive, scores negated; thresholds are negated scores.
+    id_s, ood_s = random_case(12, 70, 55, 9)
+    y, s = sk_inputs(id_s, ood_s)
+    fpr, tpr, thr = M.roc_curve(id_s, ood_s, positive="ood")
+    e_fpr, e_tpr, e_thr = skm.roc_curve(1 - y, -s, drop_intermediate=False)
+    np.testing.assert_array_equal(fpr.numpy(), e_fpr)
+    np.testing.assert_array_equal(tpr.numpy(), e_tpr)
+    np.testing.assert_array_equal(thr.numpy()[1:], e_thr[1:])
+    assert thr[0] == float("inf")
+    # Read back: at each threshold t the detected OOD scores are exactly those with -score >= t.
+    for t, rate in zip(thr.numpy()[1:], tpr.numpy()[1:]):
+        assert np.mean(-ood_s >= t) == rate
+
+
 # ---------------------------------------------------------------------------------------------
 # hand-computed cases
 
@@ -246,6 +261,48 @@ def test_inputs_not_modified_and_non_contiguous():
     M.roc_curve(id_s, ood_s, positive="ood")
     assert torch.equal(id_s, before_id) and np.array_equal(ood_s, before_ood)
     assert M.auroc(id_s, ood_s) == pytest.approx(skm.roc_auc_score(*sk_inputs(id_s.numpy(), ood_s)))
+
+
+def brute_auroc(id_s, ood_s) -> float:
+    """P(id > ood) + ½ P(id = ood) over all pairs, with Python integers (exact for any int)."""
+    wins = sum((a > b) * 2 + (a == b) for a in id_s for b in ood_s)
+    return wins / (2 * len(id_s) * len(ood_s))
+
+
+def test_uint64_scores_above_2_63_rank_exactly():
+    big = 2**63
+    id_s = [2**64 - 1, big + 1, big, 7]
+    ood_s = [big, 5, big - 1, 2**64 - 2]
+    want = brute_auroc(id_s, ood_s)
+    for a, b in ((np.array(id_s, np.uint64), np.array(ood_s, np.uint64)),
+                 (torch.tensor(id_s, dtype=torch.uint64), torch.tensor(ood_s, dtype=torch.uint64)),
+                 (np.array(id_s, np.uint64), np.repeat(np.array(ood_s, np.uint64), 2)[::2])):  # strided view
+        assert M.auroc(a, b) == want
+    # mixed with non-negative int64 scores: compared exactly as unsigned integers
+    assert M.auroc(np.array(id_s, np.uint64), np.array([5, big - 1], np.int64)) == brute_auroc(id_s, [5, big - 1])
+    assert M.auroc(np.array([big + 1], np.uint64), np.array([big], np.uint64)) == 1.0
+    _, _, thr = M.roc_curve(np.array(id_s, np.uint64), np.array(ood_s, np.uint64))
+    assert thr[1] == float(2**64 - 1) and bool((thr[1:] > 0).all())
+    with pytest.raises(ValueError, match="ood_scores negative") as info:
+        M.auroc(np.array(id_s, np.uint64), np.array([-1], np.int64))
+    assert info.value.param == "id_scores"
+
+
+def test_int64_scores_beyond_2_53_are_exact_or_refused():
+    big = 2**53
+    id_s, ood_s = np.array([big + 1, big + 3], np.int64), np.array([big, big + 2], np.int64)
+    # Same integer dtype: exact (float64 would round big+1 onto big and report ties).
+    assert M.auroc(id_s, ood_s) == brute_auroc(id_s.tolist(), ood_s.tolist()) == 0.75
+    assert M.auroc(id_s, torch.from_numpy(ood_s)) == 0.75
+    assert M.auroc(id_s, np.array([3], np.int8)) == 1.0  # integer dtypes meet in int64
+    # Integer beyond ±2**53 with floating scores: refused, naming the integer argument.
+    with pytest.raises(ValueError, match="beyond ±2\\*\\*53") as info:
+        M.auroc(id_s, ood_s.astype(np.float64))
+    assert info.value.param == "id_scores"
+    with pytest.raises(ValueError, match="ood_scores holds integer scores"):
+        M.ood_metrics(np.array([0.5]), torch.tensor([-(2**60) - 1]))
+    # Within ±2**53 integers and floats still mix (float64 holds them exactly).
+    assert M.auroc(np.array([big], np.int64), np.array([big - 1.0])) == 1.0
 
 
 def test_infinite_scores_rank():
