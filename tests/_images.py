@@ -47,3 +47,40 @@ def make_tar_shards(root: Path, out_dir: Path, ids: list[str], per_tar: int) -> 
             for rel in chunk:
                 tar.add(root / rel, arcname=rel)
     return str(out_dir / f"shard-{{0000..{len(chunks) - 1:04d}}}.tar")
+
+
+def encoded(img, fmt: str, **save_kwargs) -> bytes:
+    """``img`` (a PIL image) encoded as ``fmt``."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def asymmetric_rgb(h: int = 12, w: int = 20):
+    """An RGB picture whose every rotation and flip differs: red left, blue right, a green band on
+    top (the top quarter, at least one row)."""
+    from PIL import Image
+
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    a[:, : w // 2] = (255, 0, 0)
+    a[:, w // 2 :] = (0, 0, 255)
+    a[: max(1, h // 4), :] = (0, 255, 0)
+    return Image.fromarray(a)
+
+
+def make_bad_files(root: Path) -> dict[str, str]:
+    """Files that are not decodable images, by id, with the start of the reason each must get."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    jpeg = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)), "JPEG")
+    files = {
+        "empty.jpg": (b"", "empty file (0 bytes)"),
+        "text.jpg": (b"this is a text file, renamed\n", "not a recognised image format"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated JPEG: "),
+    }
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    return {name: reason for name, (_, reason) in files.items()}

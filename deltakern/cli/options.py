@@ -124,11 +124,10 @@ def summary(stats: dict, manifest: str) -> str:
     totals = f"{out['rows']} rows from {out['images']} images ({out['errors']} failed to decode)"
     if stats["shards_done_now"] == 0:
         return f"already complete: {totals}; nothing left to do; manifest: {manifest}"
-    resumed = stats["shards_skipped"] > 0
-    added = (
-        f"this run added {stats['rows']} rows from {stats['images']} images in {stats['shards_done_now']} shards"
-        + (f" ({stats['shards_skipped']} were already done)" if resumed else "")
-    )
+    speed = f"in {stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s"
+    if stats["shards_skipped"] == 0:
+        return f"{totals} {speed}, {stats['shards_done_now']} shards; manifest: {manifest}"
     return (
-        f"{totals}; {added} in {stats['wall_s']:.1f} s, {stats['images_per_s']:.1f} images/s; manifest: {manifest}"
+        f"{totals}; this run added {stats['rows']} rows from {stats['images']} images in {stats['shards_done_now']} "
+        f"shards ({stats['shards_skipped']} were already done) {speed}; manifest: {manifest}"
     )

@@ -44,6 +44,9 @@ class WriteFailed(DeltakernError, OSError):
         self.errno = cause.errno
         self.filename = os.fspath(path)
 
+    def __str__(self) -> str:  # OSError's own format would show "[Errno N] None: path"
+        return str(self.args[0])
+
 
 def _is_write_failure(exc: BaseException) -> bool:
     """An OSError that says the file system refused the write (also when a writer library like

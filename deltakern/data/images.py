@@ -288,13 +288,13 @@ def decode_image(data: bytes, *, exif_transpose: bool = True) -> Any:
         raise ImageDecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # Over the limit: a warning from PIL up to twice the limit, an error above; both fail here.
+        # Over PIL.Image.MAX_IMAGE_PIXELS PIL warns (an error above twice the limit), at open
+        # time from the header; both fail the image here, before any pixel is decoded.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        fmt = "image"
+        fmt = _sniff_format(data)
         try:
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format or fmt
-                _check_size(img.size, Image.MAX_IMAGE_PIXELS)
                 img.seek(0)  # the first frame of an animated GIF/WebP/PNG
                 img.load()  # decode now: truncated files fail here
                 if exif_transpose:
@@ -312,14 +312,17 @@ def decode_image(data: bytes, *, exif_transpose: bool = True) -> Any:
             raise ImageDecodeError(f"{kind} {fmt}: {message}") from None
 
 
-def _check_size(size: tuple[int, int], limit: int | None) -> None:
-    """Refuse an image over PIL's decompression-bomb limit from its header, before decoding it."""
-    pixels = size[0] * size[1]
-    if limit is not None and pixels > limit:
-        raise ImageDecodeError(
-            f"image too large: {size[0]}x{size[1]} = {pixels} pixels is over the decompression-bomb limit of "
-            f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
-        )
+_MAGIC = (
+    (b"\xff\xd8", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)  # fmt: skip
+
+
+def _sniff_format(data: bytes) -> str:
+    """The format the first bytes announce, for reasons of files PIL rejects while opening."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), "image")
 
 
 def _to_rgb(img: Any) -> Any:

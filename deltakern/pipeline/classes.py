@@ -114,8 +114,10 @@ def _checkpoint_classnames(path: str) -> list[str] | None:
     except DeltakernError as exc:
         raise InvalidArgument(f"prompts: {exc}", param="prompts") from None
     except Exception as exc:  # torch.load on a file that is not a checkpoint: pickle, zip or I/O errors
+        # torch's messages run over many lines; the type says enough next to the file name
         raise InvalidArgument(
-            f"prompts: cannot read {path!r} as a prompt-tuning checkpoint ({type(exc).__name__}: {exc})", param="prompts"
+            f"prompts: cannot read {path!r} as a prompt-tuning checkpoint of `deltakern train` ({type(exc).__name__})",
+            param="prompts",
         ) from None
     names = checkpoint.get("classnames")
     return [str(n) for n in names] if names else None
