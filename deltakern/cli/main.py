@@ -9,6 +9,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import re
 import sys
@@ -25,6 +26,7 @@ COMMANDS = {
     "score": "score",
     "calibrate": "calibrate",
     "filter": "filter",
+    "models": "models",
     "train": "train",
     "bench": "bench",
 }
@@ -69,10 +71,27 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     return None
 
 
+def _unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exit with ``parser``'s usage, naming the unknown arguments and the nearest option of each."""
+    options = [o for a in parser._actions for o in a.option_strings]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75) if flag.startswith("-") else []
+        if close:
+            hints.append(f"{flag} (did you mean {close[0]}?)")
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    parser.error(message + (f"; {', '.join(hints)}" if hints else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltakern`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse would report these with the top-level usage; the subcommand's usage (and the
+        # nearest of its options) is what helps.
+        _unknown_arguments(_subparser(parser, args.command) or parser, unknown)
     try:
         return int(args.func(args) or 0)
     except DeltakernError as exc:

@@ -17,6 +17,7 @@ import open_clip; :func:`load_model` does.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -104,6 +105,12 @@ def weights_identity(pretrained: str) -> str:
     return pretrained
 
 
+def nearest_names(name: str, names: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``names`` closest to ``name`` (case-insensitive), nearest first."""
+    by_lower = {x.lower(): x for x in names}
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)]
+
+
 def check_model(name: str, pretrained: str) -> None:
     """Check that ``name`` is a known architecture and ``pretrained`` one of its tags, a local
     file or ``"none"``, without creating the model or fetching weights."""
@@ -120,8 +127,10 @@ def check_model(name: str, pretrained: str) -> None:
     if name.startswith(("hf-hub:", "local-dir:")):
         return
     if name not in open_clip.list_models():
+        near = nearest_names(name, open_clip.list_models())
         raise InvalidArgument(
-            f"model must be an open_clip architecture (see open_clip.list_models()) or {TINY_MODEL!r}, got {name!r}",
+            f"model must be an open_clip architecture (`deltakern models` lists them) or {TINY_MODEL!r}, got {name!r}"
+            + (f"; nearest: {', '.join(near)}" if near else ""),
             param="model",
         )
     if pretrained.lower() != NO_WEIGHTS and not os.path.isfile(pretrained):
