@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracle import scores64
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -135,6 +136,53 @@ def test_eval_files_report_agrees_with_metrics(tmp_path, files, data, capsys):
             img.verify()
             assert img.format == "PNG" and img.size[0] > 100
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def oracle_columns(X, W, *, temperature, c, reset, mcm_temperature):
+    """Every score column of `deltakern eval` from the float64 oracle (tests/oracle.py)."""
+    sep = scores64(X, W, temperature=temperature, c=c, reset=reset, mode="separate")
+    joint = scores64(X, W, temperature=temperature, c=c, reset=reset, mode="joint")
+    cols = {
+        "delta_energy": sep["delta_energy"], "delta_energy_joint": joint["delta_energy"],
+        "energy": sep["energy"], "msp": sep["msp"], "max_logit": sep["max_logit"],
+        "mcm": scores64(X, W, temperature=mcm_temperature)["msp"],
+    }
+    for k in range(1, c + 1):
+        cols[f"delta_energy@c={k}"] = sep["delta_energy_terms"][:, :k].sum(1)
+        cols[f"delta_energy_joint@c={k}"] = joint["delta_energy_terms"][:, k - 1]
+    return cols
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_eval_non_default_settings_against_the_float64_oracle(tmp_path, files, data, backend):
+    # Every setting away from its default, and chunks that do not divide any set, so that a
+    # CLI that ignores --reset, --temperature, --c or --mcm-temperature, or loses rows at the
+    # chunk edges, reports other numbers than the oracle's.
+    settings = dict(temperature=0.03, c=3, reset=0.15, mcm_temperature=0.5)
+    out = tmp_path / "report"
+    argv = [
+        "eval", "--id", str(files["id"]), "--classes", str(files["classes"]),
+        "--ood", f"near={files['near']}:image", "--ood", f"far={files['far']}",
+        "--temperature", "0.03", "--c", "3", "--reset", "0.15", "--mcm-temperature", "0.5",
+        "--chunk-rows", "37", "--backend", backend, "--quiet", "--no-plots", "--out", str(out),
+    ]
+    assert cli.main(argv) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["settings"]["reset"] == 0.15 and doc["settings"]["c"] == 3
+    sets = {"ID": data["X_id"], "near": data["near"], "far": data["far"]}
+    assert all(X.shape[0] % 37 for X in sets.values())
+    want_cols = {name: oracle_columns(X, data["W"], **settings) for name, X in sets.items()}
+    assert len(doc["results"]) == len(want_cols["ID"]) * 2
+    for row in doc["results"]:
+        want = dk.metrics.ood_metrics(want_cols["ID"][row["score"]], want_cols[row["ood_set"]][row["score"]])
+        what = (row["score"], row["ood_set"])
+        assert (row["n_id"], row["n_ood"]) == (want["n_id"], want["n_ood"]), what
+        # The threshold is an order statistic of the ID scores: it moves by no more than the
+        # largest score error, so it sits within the accuracy contract of the oracle's (5e-4:
+        # the c' sums add up to three float32 terms).
+        tol = 5e-4 * max(1.0, abs(want["threshold"]))
+        assert abs(row["threshold"] - want["threshold"]) <= tol, (what, row["threshold"], want["threshold"])
+        assert row["auroc"] == pytest.approx(want["auroc"], abs=2e-3), what
 
 
 def test_eval_positive_ood_changes_the_fpr_column(tmp_path, files, capsys):

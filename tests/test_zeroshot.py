@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -102,3 +103,20 @@ def test_cache_hits_and_keys(clip, tmp_path, monkeypatch):
         with pytest.raises(AssertionError, match="cache should have been used"):
             zeroshot.cached_class_embeddings(clip, call["classnames"], call["templates"], cache_dir=tmp_path, seed=call["seed"])
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cache_key_includes_the_model_name(clip, tmp_path, monkeypatch):
+    # Two models with the same embedding width and the same weights tag must not share an
+    # entry: the model name is part of the key.
+    key = zeroshot.cache_key("ViT-B-32", "openai", ["dog"], ["a {}."])
+    assert key["model"] == "ViT-B-32"
+    assert key != zeroshot.cache_key("ViT-B-32-quickgelu", "openai", ["dog"], ["a {}."])
+    names, templates = ["dog", "cat"], ["a photo of a {}."]
+    zeroshot.cached_class_embeddings(clip, names, templates, cache_dir=tmp_path, seed=3)
+    built = []
+    real_build = zeroshot.build_class_embeddings
+    monkeypatch.setattr(zeroshot, "build_class_embeddings", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    renamed = dataclasses.replace(clip, name=clip.name + "-twin")  # same tower, same width, same seed
+    zeroshot.cached_class_embeddings(renamed, names, templates, cache_dir=tmp_path, seed=3)
+    assert built == [1], "a model with another name was served the first model's cache entry"
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
