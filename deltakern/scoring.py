@@ -122,7 +122,7 @@ def score_modes(
     costs one kernel launch. Returns ``{mode: Scores}`` in the order of ``modes``. Inference
     only, like :func:`score`: the outputs carry no autograd graph.
     """
-    # Scores are inference-only on every backend (docs/conventions.md §8.7): no graph is built
+    # Scores are inference-only on every backend (docs/conventions.md §8.3): no graph is built
     # even when X or W require grad, so the C++ and Triton ops (no backward) and the reference
     # (which would build one) behave alike. dk.ebm_loss is the differentiable objective.
     with torch.no_grad():

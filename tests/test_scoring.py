@@ -200,7 +200,7 @@ SCORE_FUNCTIONS = {
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("name", list(SCORE_FUNCTIONS))
 def test_scores_are_inference_only(backend, name):
-    # docs/conventions.md §8.7: inputs that require grad are scored like any others and the
+    # docs/conventions.md §8.3: inputs that require grad are scored like any others and the
     # outputs carry no graph, on every backend (the C++ op used to fail inside torch.mm and
     # the reference returned differentiable outputs).
     fn = SCORE_FUNCTIONS[name]
