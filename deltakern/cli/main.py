@@ -26,6 +26,7 @@ COMMANDS = {
     "score": "score",
     "calibrate": "calibrate",
     "filter": "filter",
+    "inspect": "inspect",
     "models": "models",
     "train": "train",
     "bench": "bench",
