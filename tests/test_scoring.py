@@ -282,6 +282,17 @@ def test_tiny_rows_in_other_dtypes(backend, dtype, scale):
     _check_tiny(X, W, backend, dtype)
 
 
+@pytest.mark.parametrize("scale", [1e-23, 1e-40, 1e30])
+def test_reference_state_normalises_tiny_rows_itself(scale):
+    # The reference is also called directly (the oracle of the kernels, the EBM loss's fallback):
+    # its own normalisation must not underflow either.
+    X, W = _tiny_rows(scale)
+    top_v, top_i, outside = reference.score_state(X, W, temperature=0.01, c=2, normalize=True)
+    want = scores64(X, W, temperature=0.01, c=2)
+    assert_close_contract(top_v, want["topk_values"], torch.float32, "topk_values")
+    assert torch.equal(top_i, want["topk_indices"])
+
+
 def test_tiny_rows_without_normalisation_are_plain_dot_products():
     X, W = _tiny_rows(1e-23)
     got = dk.score(X, W, normalize=False, temperature=1.0)
