@@ -18,8 +18,10 @@ and dk's ``aupr_in`` / ``aupr_out`` are average precision, which pytorch-ood doe
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +177,13 @@ def test_importing_deltakern_does_not_import_pytorch_ood():
         "assert 'pytorch_ood' not in sys.modules, 'pytorch_ood imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_example_runs(capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Thresholds, filtering and pytorch-ood", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1 and "GridSearch" in blocks[0]
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "FPR95TPR" in printed and "{'c': " in printed

@@ -90,7 +90,9 @@ def iter_batches(files: tuple[Path, ...], batch_rows: int, columns: list[str] | 
     import pyarrow.parquet as pq
 
     for f in files:
-        with pq.ParquetFile(f) as pf:
+        # pre_buffer=False: read one row group's column chunks at a time instead of coalescing
+        # reads ahead (which holds more of the file in memory for no gain on local disks).
+        with pq.ParquetFile(f, pre_buffer=False) as pf:
             yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
 
 
@@ -173,12 +175,15 @@ def filter_scores(
     # float64 holds every float32 score exactly, so the comparison is exact.
     value = pa.scalar(threshold.value, pa.float64())
     counts = {"rows": 0, "kept": 0, "rejected": 0}
+    # Dictionary-encode only the low-cardinality columns: trying it on ids and paths (unique per
+    # row) costs time and then falls back to plain encoding anyway.
+    writer_options = {"use_dictionary": [c for c in ("pred", "pred_name") if c in schema.names] or False}
     with contextlib.ExitStack() as stack:
-        kept_writer = pq.ParquetWriter(stack.enter_context(atomic_path(out)), schema)
+        kept_writer = pq.ParquetWriter(stack.enter_context(atomic_path(out)), schema, **writer_options)
         stack.callback(kept_writer.close)
         rejected_writer = None
         if rejected is not None:
-            rejected_writer = pq.ParquetWriter(stack.enter_context(atomic_path(rejected)), schema)
+            rejected_writer = pq.ParquetWriter(stack.enter_context(atomic_path(rejected)), schema, **writer_options)
             stack.callback(rejected_writer.close)
         list_file = None
         if kept_list is not None:
