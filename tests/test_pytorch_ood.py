@@ -187,3 +187,18 @@ def test_readme_example_runs(capsys):
     exec(compile(blocks[0], "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "FPR95TPR" in printed and "{'c': " in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_detectors_follow_the_text_embeddings_to_cuda(data):
+    """pytorch-ood's ``to(device)`` moves the text embeddings; CPU features are moved to them,
+    scored by the CUDA backend, and pytorch-ood's metrics on the GPU scores equal dk.metrics."""
+    X, W, ood, labels = data
+    det = DeltaEnergy(None, W, c=3).to("cuda")
+    assert det.text_embeddings.is_cuda and det.device.type == "cuda"
+    outlier = det.predict_features(X)  # a CPU tensor in, moved by the detector
+    assert outlier.is_cuda
+    ref = dk.score(X.cuda(), W.cuda(), c=3)
+    assert torch.equal(outlier, -ref.delta_energy)
+    _check_metrics_match(ref.delta_energy, outlier, ood.cuda(), labels.cuda())
