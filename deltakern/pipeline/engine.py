@@ -17,6 +17,10 @@ JSON record of it is written the same way; a shard is done exactly when its reco
 rerun with the same arguments skips done shards, so the final output has no lost and no
 duplicated rows and is identical to that of an uninterrupted run. The arguments that shape the
 output are stored in ``run.json`` on the first run; a rerun with different ones is refused.
+For its whole life a run holds a lock on its run directory (:func:`exclusive`; rank 0 holds it,
+the operating system drops it when the process dies), so a second run on the same output is
+refused; under that lock, before writing anything, it removes the temporary files a killed run
+left behind (:func:`check_and_clean`).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``; gloo on CPU, nccl on CUDA) shard ``i`` belongs to rank
 ``i % world_size``. Each rank writes its own shards; after all ranks are done (a collective
