@@ -345,3 +345,21 @@ def test_reference_top_c_equals_a_stable_full_sort_under_heavy_ties(c):
     want = torch.sort(logits, dim=1, descending=True, stable=True)
     assert torch.equal(values, want.values[:, :c])
     assert torch.equal(indices, want.indices[:, :c])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("scale", [1.0, 1e-23, 1e-40, 1e30])
+def test_cuda_inference_only_and_tiny_rows(backend, scale):
+    # The same two promises on CUDA (the compiled Triton kernel for "auto"): inputs that require
+    # grad give outputs without a graph, and tiny/huge rows are normalised within the contract.
+    X, W = _tiny_rows(scale, n=70, k=130, d=96) if scale != 1.0 else make_inputs(70, 130, 96, seed=3)
+    Xc, Wc = X.cuda().requires_grad_(), W.cuda().requires_grad_()
+    for mode in ("separate", "joint"):
+        got = dk.score(Xc, Wc, c=3, mode=mode, reset=0.05, backend=backend)
+        want = scores64(X, W, c=3, mode=mode, reset=0.05)
+        for field in SCORE_FIELDS:
+            value = getattr(got, field)
+            assert value.is_cuda and value.grad_fn is None and not value.requires_grad
+            assert_close_contract(value, want[field], torch.float32, f"cuda/{backend}/{mode}/{field}")
+        assert_indices_match(got.topk_indices, want["topk_indices"], want["logits"], torch.float32)
