@@ -25,6 +25,7 @@ when they disagree.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,10 +197,37 @@ def _reference_block(x: torch.Tensor, w: torch.Tensor, c: int):
     )
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops the one record ``torch.utils.cpp_extension`` logs at import on a machine with a CUDA
+    toolkit (``nvcc`` on PATH or ``CUDA_HOME``) but no GPU: "No CUDA runtime is found, using
+    CUDA_HOME=...". Inductor's CPU backend imports that module only for its C++ include and
+    library paths; the CUDA path it resolves is never used for CPU code, so the warning reads
+    like a failure where there is none. Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+_CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
+
+
+def _quiet_cuda_runtime_notice() -> None:
+    """Install :class:`_NoCudaRuntimeNotice` once on torch's cpp_extension logger (only when no
+    GPU is usable: with one, torch does not log the notice at all)."""
+    if torch.cuda.is_available():
+        return
+    logger = logging.getLogger(_CPP_EXTENSION_LOGGER)
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
+
+
 def _make_compiled_reference(case: Case) -> Callable:
     from deltakern.core.state import derive_scores
     from deltakern.reference import scoring as reference
 
+    if torch.device(case.device).type == "cpu":
+        # torch.compile imports torch.utils.cpp_extension lazily, at the first call below.
+        _quiet_cuda_runtime_notice()
     compiled = torch.compile(_reference_block, dynamic=True)
     chunk = CUDA_COMPILE_CHUNK if case.device.startswith("cuda") else CPU_COMPILE_CHUNK
     rows = reference.chunk_rows(case.k, chunk)
