@@ -10,13 +10,22 @@
 namespace deltakern {
 namespace loss {
 
+// Bits a forward row epilogue ORs into its int32 status word when a row cannot be computed; the
+// driver reads the word once, after the last chunk (one device-to-host copy on CUDA), and raises.
+constexpr int kBadLabel = 1;      // label outside [0, K): its logit is not read
+constexpr int kNonFiniteRow = 2;  // no finite maximum, or a NaN in the row
+
 // Device row epilogues the drivers call once per chunk of logits ([rows, K], contiguous). The
 // per-row tensors are the chunk's slices.
-// Forward: fill target, lse, lse_other and label_logit from the logits.
+// Forward: fill target, lse, lse_other and label_logit from the logits. Every index it writes or
+// reads stays in [0, K) whatever the logits and labels hold; rows it cannot compute set a bit of
+// `status` (int32 [1] on the logits' device).
 using ForwardRows = std::function<void(
     const at::Tensor& logits, const at::Tensor& labels, bool target_pred, const at::Tensor& target,
-    const at::Tensor& lse, const at::Tensor& lse_other, const at::Tensor& label_logit)>;
-// Backward: overwrite the logits with d loss / d logits.
+    const at::Tensor& lse, const at::Tensor& lse_other, const at::Tensor& label_logit,
+    const at::Tensor& status)>;
+// Backward: overwrite the logits with d loss / d logits (target and labels checked to lie in
+// [0, K) by the driver; NaN in the state stays NaN in the gradient).
 using BackwardRows = std::function<void(
     const at::Tensor& logits, const at::Tensor& target, const at::Tensor& labels,
     const at::Tensor& lse, const at::Tensor& lse_edited, const at::Tensor& coef_a,

@@ -328,6 +328,9 @@ BAD_INPUTS = [
     (dict(mask_ratio=1.5), ValueError, "mask_ratio"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(temperature=-1.0), ValueError, "temperature"),
+    # > 0 and finite, but 1/τ overflows float32 logits: every logit would be inf, the loss NaN.
+    (dict(temperature=1e-300), ValueError, "temperature must be at least 5.88e-39"),
+    (dict(temperature=5e-39), ValueError, "temperature must be at least"),
     (dict(target="top1"), ValueError, "target"),
     (dict(ce_on="both"), ValueError, "ce_on"),
     (dict(reduction="avg"), ValueError, "reduction"),

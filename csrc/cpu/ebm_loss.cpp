@@ -39,15 +39,58 @@ int64_t chunk_rows(int64_t n, int64_t k, int64_t chunk_elements, int64_t min_row
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
-                  const at::Tensor& labels) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x and w must be 2-D");
+                  const at::Tensor& labels, double inv_temp, double reset) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x and w must be 2-D, got ", x.dim(), "-D and ",
+              w.dim(), "-D");
   TORCH_CHECK(x.size(1) == w.size(1), op, ": x and w must have the same D, got ", x.size(1),
               " and ", w.size(1));
-  TORCH_CHECK(x.size(0) > 0 && w.size(0) > 0 && x.size(1) > 0, op, ": empty x or w");
+  TORCH_CHECK(x.size(0) > 0 && w.size(0) > 0 && x.size(1) > 0, op, ": empty x or w, got x ",
+              x.sizes(), " and w ", w.sizes());
+  for (const at::Tensor* t : {&x, &w}) {
+    const at::ScalarType st = t->scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+                ": x and w must be float16, bfloat16, float32 or float64, got ", st);
+  }
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0), op,
-              ": labels must have shape [N]");
+              ": labels must have shape [N] = [", x.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false), op,
+              ": labels must be an integer tensor, got ", labels.scalar_type());
   TORCH_CHECK(x.device() == w.device() && x.device() == labels.device(), op,
-              ": x, w and labels must be on one device");
+              ": x, w and labels must be on one device, got ", x.device(), ", ", w.device(),
+              " and ", labels.device());
+  // Logits are |x_hat . w_hat| * inv_temp <= inv_temp when normalising; with half of the
+  // accumulation dtype's range as the bound, the logits, their base-2 form and their
+  // log-sum-exp stay finite. 1/temperature past that (temperature below ~6e-39 in float32)
+  // would turn every logit into inf and every result into NaN.
+  const double limit = accumulation_type(x, w) == at::kDouble
+                           ? std::numeric_limits<double>::max() / 2
+                           : static_cast<double>(std::numeric_limits<float>::max()) / 2;
+  TORCH_CHECK(std::isfinite(inv_temp) && inv_temp > 0 && inv_temp <= limit, op,
+              ": inv_temp (1/temperature) must be finite, > 0 and at most ", limit,
+              " (logits would overflow ", accumulation_type(x, w), "), got ", inv_temp);
+  TORCH_CHECK(std::isfinite(reset), op, ": reset must be finite, got ", reset);
+}
+
+// A per-row tensor of the backward: shape [N], on x's device, of the expected kind.
+void check_row_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                      bool integral) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape [N] = [",
+              x.size(0), "], got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
+              t.device());
+  TORCH_CHECK(integral ? at::isIntegralType(t.scalar_type(), false)
+                       : at::isFloatingType(t.scalar_type()),
+              op, ": ", name, " must be ", integral ? "an integer" : "a floating-point",
+              " tensor, got ", t.scalar_type());
+}
+
+// Every entry of `index` in [0, K): one reduction and one small device-to-host copy.
+void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t K) {
+  const auto [lo, hi] = at::aminmax(index);
+  const at::Tensor bounds = at::stack({lo.to(at::kLong), hi.to(at::kLong)}).cpu();
+  const int64_t* b = bounds.data_ptr<int64_t>();
+  TORCH_CHECK(b[0] >= 0 && b[1] < K, op, ": ", name, " must lie in [0, K) = [0, ", K,
+              "), got values in [", b[0], ", ", b[1], "]");
 }
 
 }  // namespace
@@ -57,10 +100,14 @@ forward_driver(const at::Tensor& x, const at::Tensor& w, const at::Tensor& label
                double inv_temp, double reset, int64_t mask_count, bool target_pred,
                bool ce_edited, bool normalize, int64_t chunk_elements,
                int64_t min_rows, const ForwardRows& rows_fn) {
-  check_inputs("ebm_loss_forward", x, w, labels);
+  check_inputs("ebm_loss_forward", x, w, labels, inv_temp, reset);
   const int64_t N = x.size(0), K = w.size(0), D = x.size(1);
   TORCH_CHECK(mask_count >= 1 && mask_count <= D,
-              "ebm_loss_forward: mask_count must be in [1, D], got ", mask_count);
+              "ebm_loss_forward: mask_count must be in [1, D] = [1, ", D, "], got ", mask_count);
+  // float32 products on every device: on CUDA at::mm would otherwise follow the global TF32
+  // switch (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision), a setting
+  // made for something else, and the loss would move by ~1e-3.
+  const at::NoTF32Guard no_tf32;
   const at::ScalarType acc = accumulation_type(x, w);
   const at::Tensor x_hat = prepare_rows(x, acc, normalize);
   const at::Tensor w_hat = prepare_rows(w, acc, normalize);
@@ -73,6 +120,7 @@ forward_driver(const at::Tensor& x, const at::Tensor& w, const at::Tensor& label
   at::Tensor lse = at::empty({N}, opts);
   at::Tensor lse_other = at::empty({N}, opts);
   at::Tensor label_logit = at::empty({N}, opts);
+  at::Tensor status = at::zeros({1}, opts.dtype(at::kInt));
 
   const int64_t chunk = chunk_rows(N, K, chunk_elements, min_rows);
   at::Tensor buffer = at::empty({chunk, K}, opts);
@@ -82,9 +130,18 @@ forward_driver(const at::Tensor& x, const at::Tensor& w, const at::Tensor& label
     at::mm_out(logits, x_hat.narrow(0, start, rows), w_scaled.t());
     rows_fn(logits, y.narrow(0, start, rows), target_pred, target.narrow(0, start, rows),
             lse.narrow(0, start, rows), lse_other.narrow(0, start, rows),
-            label_logit.narrow(0, start, rows));
+            label_logit.narrow(0, start, rows), status);
   }
   buffer.reset();
+  // Rows the epilogue could not compute (it never reads outside a row): one check for all.
+  const int bad = status.item<int>();
+  if (bad & kBadLabel) check_index_range("ebm_loss_forward", "labels", y, K);
+  if (bad & kNonFiniteRow) {
+    const at::Tensor rows_bad = at::nonzero(~at::isfinite(lse)).flatten();
+    const int64_t row = rows_bad.numel() > 0 ? rows_bad[0].item<int64_t>() : -1;
+    TORCH_CHECK(false, "ebm_loss_forward: row ", row, " has non-finite logits (NaN or infinity in ",
+                "x or w, or x.w * inv_temp overflows ", acc, ")");
+  }
 
   // Mask: false on the mask_count largest products (a stable descending sort keeps the lower
   // dimension first among equal products), true elsewhere; then the edited cosine.
@@ -119,9 +176,23 @@ std::tuple<at::Tensor, at::Tensor> backward_driver(
     const at::Tensor& keep, double inv_temp, double reset, bool ce_edited, bool normalize,
     bool needs_x, bool needs_w, int64_t chunk_elements, int64_t min_rows,
     const BackwardRows& rows_fn) {
-  check_inputs("ebm_loss_backward", x, w, labels);
+  const char* op = "ebm_loss_backward";
+  check_inputs(op, x, w, labels, inv_temp, reset);
   const int64_t N = x.size(0), K = w.size(0), D = x.size(1);
-  TORCH_CHECK(keep.sizes() == x.sizes(), "ebm_loss_backward: keep must have x's shape");
+  TORCH_CHECK(keep.sizes() == x.sizes() && keep.scalar_type() == at::kBool &&
+                  keep.device() == x.device(),
+              op, ": keep must be a bool tensor of x's shape ", x.sizes(), " on ", x.device(),
+              ", got ", keep.scalar_type(), " ", keep.sizes(), " on ", keep.device());
+  check_row_tensor(op, "grad_ce", grad_ce, x, false);
+  check_row_tensor(op, "grad_delta", grad_delta, x, false);
+  check_row_tensor(op, "target", target, x, true);
+  check_row_tensor(op, "lse", lse, x, false);
+  check_row_tensor(op, "lse_other", lse_other, x, false);
+  check_row_tensor(op, "edited", edited, x, false);
+  // The row epilogue reads columns t and y of every row and index_select reads row t of w.
+  check_index_range(op, "labels", labels, K);
+  check_index_range(op, "target", target, K);
+  const at::NoTF32Guard no_tf32;  // as in the forward
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_w = at::empty({0}, w.options());
   if (!needs_x && !needs_w) return {grad_x, grad_w};
@@ -259,13 +330,23 @@ double logaddexp(double a, double b) {
 // label's logit. The maximum over the other columns is found separately so that their sum
 // keeps its digits even when l_t dominates the row by more than float's exponent range.
 template <typename T>
-void forward_row(const T* row, int64_t K, int64_t label, bool target_pred, int64_t& target,
-                 T& lse, T& lse_other, T& label_logit) {
-  const T row_max = range_max(row, 0, K);
-  int64_t t = label;
+int forward_row(const T* row, int64_t K, int64_t label, bool target_pred, int64_t& target,
+                T& lse, T& lse_other, T& label_logit) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  int status = 0;
+  const bool label_ok = label >= 0 && label < K;
+  if (!label_ok) status |= kBadLabel;
+  label_logit = label_ok ? row[label] : nan;
+  const T row_max = range_max(row, 0, K);  // NaN entries never win a comparison
+  if (!std::isfinite(row_max)) {  // all NaN or -inf, or +inf: nothing below is meaningful
+    target = target_pred || !label_ok ? 0 : label;
+    lse = lse_other = nan;
+    return status | kNonFiniteRow;
+  }
+  int64_t t = label_ok ? label : 0;
   if (target_pred) {
     t = 0;
-    while (row[t] != row_max) ++t;  // first maximum: ties go to the lower class
+    while (row[t] != row_max) ++t;  // first maximum (ties to the lower class); row_max is an entry
   }
   const T logit_t = row[t];
   const T other_max =
@@ -278,13 +359,15 @@ void forward_row(const T* row, int64_t K, int64_t label, bool target_pred, int64
   target = t;
   lse_other = static_cast<T>(other);
   lse = static_cast<T>(logaddexp(other, static_cast<double>(logit_t)));
-  label_logit = row[label];
+  if (std::isnan(lse) || std::isnan(lse_other)) status |= kNonFiniteRow;  // a NaN among the rest
+  return status;
 }
 
 template <typename T>
 void forward_rows_typed(const at::Tensor& logits, const at::Tensor& labels, bool target_pred,
                         const at::Tensor& target, const at::Tensor& lse,
-                        const at::Tensor& lse_other, const at::Tensor& label_logit) {
+                        const at::Tensor& lse_other, const at::Tensor& label_logit,
+                        const at::Tensor& status) {
   const int64_t rows = logits.size(0), K = logits.size(1);
   const T* lg = logits.data_ptr<T>();
   const int64_t* y = labels.data_ptr<int64_t>();
@@ -292,19 +375,25 @@ void forward_rows_typed(const at::Tensor& logits, const at::Tensor& labels, bool
   T* lse_p = lse.data_ptr<T>();
   T* other_p = lse_other.data_ptr<T>();
   T* label_p = label_logit.data_ptr<T>();
+  int* status_p = status.data_ptr<int>();
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    int bad = 0;
     for (int64_t r = begin; r < end; ++r)
-      forward_row(lg + r * K, K, y[r], target_pred, t[r], lse_p[r], other_p[r], label_p[r]);
+      bad |= forward_row(lg + r * K, K, y[r], target_pred, t[r], lse_p[r], other_p[r], label_p[r]);
+    if (bad) __atomic_fetch_or(status_p, bad, __ATOMIC_RELAXED);
   });
 }
 
 void forward_rows_cpu(const at::Tensor& logits, const at::Tensor& labels, bool target_pred,
                       const at::Tensor& target, const at::Tensor& lse,
-                      const at::Tensor& lse_other, const at::Tensor& label_logit) {
+                      const at::Tensor& lse_other, const at::Tensor& label_logit,
+                      const at::Tensor& status) {
   if (logits.scalar_type() == at::kDouble)
-    forward_rows_typed<double>(logits, labels, target_pred, target, lse, lse_other, label_logit);
+    forward_rows_typed<double>(logits, labels, target_pred, target, lse, lse_other, label_logit,
+                               status);
   else
-    forward_rows_typed<float>(logits, labels, target_pred, target, lse, lse_other, label_logit);
+    forward_rows_typed<float>(logits, labels, target_pred, target, lse, lse_other, label_logit,
+                              status);
 }
 
 // coef * exp(v) for v <= 0 (up to rounding) without denormal results: the coefficient is

@@ -12,6 +12,7 @@
 
 #include "ebm_loss.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -22,7 +23,9 @@ namespace loss {
 namespace gpu {
 namespace {
 
-constexpr int kThreads = 256;  // one block per row; a multiple of the warp size
+// One block per row, of 32 to 256 threads by K (a multiple of the warp size): at K = 10 a
+// 256-thread block would leave 246 threads idle.
+constexpr int kMaxThreads = 256;
 // Chunks of up to 2^26 logits (256 MB in float32) keep the matmuls large on big GPUs.
 constexpr int64_t kChunkElements = int64_t{1} << 26;
 constexpr int64_t kMinChunkRows = 256;
@@ -56,9 +59,9 @@ __device__ void warp_argmax(T& v, int64_t& i) {
 // Block-wide (max, first index of the max); every thread receives the result.
 template <typename T>
 __device__ void block_argmax(T& v, int64_t& i) {
-  __shared__ T values[kThreads / 32];
-  __shared__ int64_t indices[kThreads / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ T values[kMaxThreads / 32];
+  __shared__ int64_t indices[kMaxThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   warp_argmax(v, i);
   if (lane == 0) {
     values[warp] = v;
@@ -66,8 +69,8 @@ __device__ void block_argmax(T& v, int64_t& i) {
   }
   __syncthreads();
   if (warp == 0) {
-    v = lane < kThreads / 32 ? values[lane] : neg_inf<T>();
-    i = lane < kThreads / 32 ? indices[lane] : std::numeric_limits<int64_t>::max();
+    v = lane < warps ? values[lane] : neg_inf<T>();
+    i = lane < warps ? indices[lane] : std::numeric_limits<int64_t>::max();
     warp_argmax(v, i);
     if (lane == 0) {
       values[0] = v;
@@ -81,13 +84,13 @@ __device__ void block_argmax(T& v, int64_t& i) {
 }
 
 __device__ double block_sum(double v) {
-  __shared__ double partial[kThreads / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ double partial[kMaxThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
   if (lane == 0) partial[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kThreads / 32 ? partial[lane] : 0.0;
+    v = lane < warps ? partial[lane] : 0.0;
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
     if (lane == 0) partial[0] = v;
   }
@@ -99,12 +102,15 @@ __device__ double block_sum(double v) {
 
 // One block per row: target column, LSE of the row, LSE without column t, label logit. The
 // other columns' maximum is found on its own, so their sum keeps its digits even when l_t
-// dominates the row beyond the exponent range.
+// dominates the row beyond the exponent range. Every index read stays in [0, K): a label out of
+// range or a row without a finite maximum (all NaN or -inf, or +inf) sets a bit of `status`
+// (csrc/ebm_loss.h) and the driver raises after the chunk loop.
 template <typename T>
 __global__ void forward_rows_kernel(const T* __restrict__ logits, int64_t K,
                                     const int64_t* __restrict__ labels, bool target_pred,
                                     int64_t* __restrict__ target, T* __restrict__ lse,
-                                    T* __restrict__ lse_other, T* __restrict__ label_logit) {
+                                    T* __restrict__ lse_other, T* __restrict__ label_logit,
+                                    int* __restrict__ status) {
   const int64_t r = blockIdx.x;
   const T* row = logits + r * K;
   T row_max = neg_inf<T>();
@@ -116,8 +122,11 @@ __global__ void forward_rows_kernel(const T* __restrict__ logits, int64_t K,
     }
   }
   block_argmax(row_max, row_arg);
+  // No entry beat -inf (all NaN or -inf): column 0 keeps every read in bounds; flagged below.
+  if (row_arg >= K) row_arg = 0;
   const int64_t y = labels[r];
-  const int64_t t = target_pred ? row_arg : y;
+  const bool label_ok = y >= 0 && y < K;
+  const int64_t t = target_pred ? row_arg : (label_ok ? y : 0);
   const T logit_t = row[t];
 
   T other_max = row_max;
@@ -140,10 +149,15 @@ __global__ void forward_rows_kernel(const T* __restrict__ logits, int64_t K,
     const double other = K > 1 ? static_cast<double>(other_max) + log(sum) : -inf;
     const double lt = static_cast<double>(logit_t);
     const double hi = other > lt ? other : lt, lo = other > lt ? lt : other;
+    const double row_lse = lo == -inf ? hi : hi + log1p(exp(lo - hi));
     target[r] = t;
     lse_other[r] = static_cast<T>(other);
-    lse[r] = static_cast<T>(lo == -inf ? hi : hi + log1p(exp(lo - hi)));
-    label_logit[r] = row[y];
+    lse[r] = static_cast<T>(row_lse);
+    label_logit[r] = label_ok ? row[y] : std::numeric_limits<T>::quiet_NaN();
+    int bad = label_ok ? 0 : kBadLabel;
+    // Non-finite row: no finite maximum, or a NaN among the rest (the sum turns NaN).
+    if (!isfinite(static_cast<double>(row_max)) || isnan(row_lse) || isnan(other)) bad |= kNonFiniteRow;
+    if (bad) atomicOr(status, bad);
   }
 }
 
@@ -162,23 +176,31 @@ __global__ void grad_rows_kernel(T* __restrict__ logits, int64_t K,
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     const T v = row[k];
     T grad = a * exp_of(v - l);
-    if (k != t) grad += b * exp_of(v - le < T(0) ? v - le : T(0));
+    // min(v - le, 0) written so that a NaN stays NaN, as on CPU (std::min(NaN, 0) is NaN).
+    const T d = v - le;
+    if (k != t) grad += b * exp_of(d > T(0) ? T(0) : d);
     if (k == y) grad -= g;
     row[k] = grad;
   }
 }
 
+// Threads per row: K rounded up to whole warps, at most kMaxThreads.
+int threads_for(int64_t K) {
+  return static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (K + 31) / 32 * 32)));
+}
+
 void forward_rows_cuda(const at::Tensor& logits, const at::Tensor& labels, bool target_pred,
                        const at::Tensor& target, const at::Tensor& lse,
-                       const at::Tensor& lse_other, const at::Tensor& label_logit) {
+                       const at::Tensor& lse_other, const at::Tensor& label_logit,
+                       const at::Tensor& status) {
   const int64_t rows = logits.size(0), K = logits.size(1);
   if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ebm_loss_forward_rows", [&] {
-    forward_rows_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
+    forward_rows_kernel<scalar_t><<<rows, threads_for(K), 0, stream>>>(
         logits.data_ptr<scalar_t>(), K, labels.data_ptr<int64_t>(), target_pred,
         target.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(), lse_other.data_ptr<scalar_t>(),
-        label_logit.data_ptr<scalar_t>());
+        label_logit.data_ptr<scalar_t>(), status.data_ptr<int>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -191,7 +213,7 @@ void backward_rows_cuda(const at::Tensor& logits, const at::Tensor& target,
   if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "ebm_loss_backward_rows", [&] {
-    grad_rows_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
+    grad_rows_kernel<scalar_t><<<rows, threads_for(K), 0, stream>>>(
         logits.data_ptr<scalar_t>(), K, target.data_ptr<int64_t>(), labels.data_ptr<int64_t>(),
         lse.data_ptr<scalar_t>(), lse_edited.data_ptr<scalar_t>(), coef_a.data_ptr<scalar_t>(),
         coef_b.data_ptr<scalar_t>(), label_grad.data_ptr<scalar_t>());
