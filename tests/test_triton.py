@@ -226,8 +226,26 @@ def test_bad_arguments_name_themselves(fused):
         fused.fused_score_state(X, W, inv_temp=100.0, c=0, normalize=True)
     with pytest.raises(ValueError, match="embedding dimension, got 16 and 8"):
         fused.fused_score_state(X, W[:, :8], inv_temp=100.0, c=1, normalize=True)
-    with pytest.raises(ValueError, match="inv_temp must be a finite positive number, got -1"):
+    with pytest.raises(ValueError, match="inv_temp must be finite, > 0 and at most .*, got -1"):
         fused.fused_score_state(X, W, inv_temp=-1.0, c=1, normalize=True)
+    # 1/τ whose base-2 form (times log2 e) overflows float32 would make every logit inf.
+    with pytest.raises(ValueError, match="inv_temp must be finite, > 0 and at most 1.7e\\+38, got 1e\\+300"):
+        fused.fused_score_state(X, W, inv_temp=1e300, c=1, normalize=True)
+    with pytest.raises(ValueError, match="at least one column"):
+        fused.fused_score_state(X[:, :0], W[:, :0], inv_temp=100.0, c=1, normalize=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_control_writes_the_logits(dtype):
+    """The plain Triton GEMM the fused kernel is compiled and benchmarked against (same tiles)
+    computes X @ Wᵀ, partial edges included."""
+    from deltakern.ops.triton import gemm
+
+    X, W = make_inputs(70, 45, 40, seed=3, dtype=dtype)
+    got = gemm.logits(X, W, c=3)
+    assert got.dtype == dtype and got.shape == (70, 45)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.double(), X.double() @ W.double().T, rtol=tol, atol=tol * 10)
 
 
 def test_fake_kernel_and_schema(fused):

@@ -13,6 +13,20 @@ Only O(c) numbers per row reach memory; the [N, K] logits never exist. The epilo
 base 2 (logits pre-multiplied by log2(e), so ``exp2`` needs no extra multiply) and converts
 back when it stores.
 
+The products run in one flat loop over (class tile, D slice) pairs, with the epilogue when a
+class tile's last slice is in. Triton's software pipeliner keeps later iterations' loads in
+flight only within the loop it pipelines: with a loop over class tiles around a loop over D it
+pipelines the inner loop alone, refilling the pipeline at every class tile and never
+overlapping the epilogue with loads; the flat loop keeps the next tile's first slices in flight
+through the epilogue. Compiled for sm_90 and sm_80 as a launch compiles it (D and row strides
+multiples of 16), every tile config of :func:`tile_config` keeps 2–3 copies of the operand tiles
+in shared memory, like the plain GEMM of the same tiles, uses tensor cores and does not spill;
+``tests/test_triton_compile.py`` checks this from the compiled code. Tensor descriptors (TMA),
+a resident X tile and a persistent grid were evaluated and not taken: docs/architecture.md §4
+has the compiled numbers. An embedding width that is not a multiple of 16 cannot be loaded with
+vector copies, so its operands stay single-buffered (correct, slower); CLIP widths are all
+multiples of 16.
+
 With ``TRITON_INTERPRET=1`` set before triton is imported, the same kernel runs on CPU tensors
 through Triton's interpreter (this is how the CPU test suite checks it). Triton fixes the mode
 when it is imported (its own library functions are jitted then), so one process is either
@@ -31,6 +45,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from deltakern.core.constants import TRITON_MAX_C as MAX_C
+from deltakern.core.ebm import MAX_INV_TEMPERATURE
 from deltakern.core.errors import InvalidArgument, InvalidArgumentType
 
 OP_NAME = "deltakern::fused_score_state_triton"
@@ -156,31 +171,38 @@ def _fused_score_kernel(
         # Distinct placeholder indices keep the worst-slot choice one-hot before the list fills.
         top_i = tl.zeros([BLOCK_M, C_PAD], dtype=tl.int32) - 1 - tl.arange(0, C_PAD)[None, :]
 
-    for n0 in range(0, K, BLOCK_N):
+    # One flat loop over (class tile, D slice) instead of a loop over class tiles around a loop
+    # over D: the software pipeliner then keeps the next tiles' loads in flight through the
+    # epilogue, where a nested loop refills its pipeline at every class tile (module docstring).
+    num_k = tl.cdiv(D, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BLOCK_N) * num_k):
+        kt = t % num_k
+        n0 = (t // num_k) * BLOCK_N
+        k0 = kt * BLOCK_K
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < K
-        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wk
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            k_ok = (k0 + offs_k) < D
-            x = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xd,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_cols + (k0 + offs_k)[:, None] * stride_wd,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:  # mixed input dtypes: multiply in float32
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        if NORMALIZE:
-            col_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
-            logits = acc * row_scale[:, None] * col_scale[None, :]
-        else:
-            logits = acc * row_scale[:, None]
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        if C == 1:
-            best_v, best_i, m, s = _merge_top1(best_v, best_i, m, s, logits, n0, BLOCK_N)
-        else:
-            top_v, top_i, m, s = _merge_topc(top_v, top_i, m, s, logits, n0, C, C_PAD, BLOCK_N)
+        k_ok = (k0 + offs_k) < D
+        x = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_wk + (k0 + offs_k)[:, None] * stride_wd,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:  # mixed input dtypes: multiply in float32
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if kt == num_k - 1:  # the class tile is complete: scale, merge, start the next one
+            if NORMALIZE:
+                col_scale = tl.load(w_scale_ptr + cols, mask=col_ok, other=0.0)
+                logits = acc * row_scale[:, None] * col_scale[None, :]
+            else:
+                logits = acc * row_scale[:, None]
+            logits = tl.where(col_ok[None, :], logits, float("-inf"))
+            if C == 1:
+                best_v, best_i, m, s = _merge_top1(best_v, best_i, m, s, logits, n0, BLOCK_N)
+            else:
+                top_v, top_i, m, s = _merge_topc(top_v, top_i, m, s, logits, n0, C, C_PAD, BLOCK_N)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     lse = tl.where(s > 0, (m + tl.log2(tl.where(s > 0, s, 1.0))) * _LN2, float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=row_ok)
@@ -223,21 +245,33 @@ def autotune_enabled() -> bool:
 
 
 def select_config(device: torch.device, dot_dtype: torch.dtype, c: int) -> TileConfig:
-    """The fixed tile config for a GPU generation (by compute capability), dtype and c.
+    """The fixed tile config for ``device`` (by compute capability), dtype and c; small tiles
+    that exercise every masking path under the interpreter."""
+    if device.type != "cuda":
+        return TileConfig(32, 32, 32, 1, 1)
+    return tile_config(torch.cuda.get_device_capability(device), dot_dtype, c)
+
+
+def tile_config(capability: tuple[int, int], dot_dtype: torch.dtype, c: int) -> TileConfig:
+    """The fixed tile config for a GPU generation (compute capability), dtype and c.
 
     Larger c keeps more per-row state live in the epilogue, so it uses narrower column tiles.
     float32 inputs run three TF32 products per tile (3xTF32) on twice the bytes, so they use
-    shallower K slices to fit the pipeline stages in shared memory. The choices keep every
-    variant free of register spills (checked with ptxas for sm_80 and sm_90).
+    shallower K slices and, on sm_80, 64-column tiles at every c (253–255 registers, no spill).
+    On sm_80, 16-bit inputs with c > 1 use 64-wide K slices: with 32-wide ones ptxas keeps the
+    kernel at 128 registers and spills 12–52 bytes, with 64-wide ones it uses ~170 and none.
+    Every config here compiles without register spills, with multi-buffered operand tiles and
+    within the target's shared memory for sm_80 and sm_90 (Triton 3.8 and 3.6;
+    tests/test_triton_compile.py checks the compiled code, docs/architecture.md §4).
     """
-    if device.type != "cuda":  # the interpreter: small tiles exercise every masking path
-        return TileConfig(32, 32, 32, 1, 1)
-    major, _ = torch.cuda.get_device_capability(device)
+    major = capability[0]
     half = dot_dtype in (torch.float16, torch.bfloat16)
     if major >= 9:  # Hopper and newer: 228 KB shared memory, wgmma
         return TileConfig(128, 128 if c == 1 else 64, 64 if half else 32, 8, 3)
     if major == 8:  # Ampere/Ada: consumer parts have ~100 KB shared memory
-        return TileConfig(128, 128 if c == 1 and half else 64, 32, 8, 3)
+        if half:
+            return TileConfig(128, 128, 32, 8, 3) if c == 1 else TileConfig(128, 64, 64, 8, 3)
+        return TileConfig(128, 64, 32, 8, 3)
     return TileConfig(64, 64, 32, 4, 2)
 
 
@@ -286,10 +320,13 @@ def _dot_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype == w.dtype and x.dtype != torch.float32 else torch.float32
 
 
-@triton_op(OP_NAME, mutates_args=())
-def _fused_score_state_op(
+def kernel_arguments(
     x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool, allow_tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[tuple, dict, torch.dtype]:
+    """The kernel's positional arguments (outputs allocated), its compile-time arguments and the
+    dtype of its products, exactly as a launch passes them. The compile-only check
+    (:mod:`deltakern.ops.triton.compiled`) builds them from the same function, so what it
+    compiles is what a launch compiles."""
     n, d = x.shape
     k = w.shape[0]
     # Coalesced loads need unit stride along D; any row stride is fine without a copy.
@@ -306,7 +343,6 @@ def _fused_score_state_op(
     top_v = torch.empty((n, c), dtype=torch.float32, device=x.device)
     top_i = torch.empty((n, c), dtype=torch.int64, device=x.device)
     lse = torch.empty((n,), dtype=torch.float32, device=x.device)
-    kernel = _kernels()
     args = (
         x, w, w_scale, top_v, top_i, lse, n, k, d,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), inv_temp * _LOG2E,
@@ -318,6 +354,16 @@ def _fused_score_state_op(
         UPCAST=x.dtype != w.dtype or (triton.knobs.runtime.interpret and torch.bfloat16 in (x.dtype, w.dtype)),
         PRECISION=precision,
     )
+    return args, meta, dot_dtype
+
+
+@triton_op(OP_NAME, mutates_args=())
+def _fused_score_state_op(
+    x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool, allow_tf32: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args, meta, dot_dtype = kernel_arguments(x, w, inv_temp, c, normalize, allow_tf32)
+    n = x.shape[0]
+    kernel = _kernels()
     if kernel is _autotuned:
         grid = lambda opts: (triton.cdiv(n, opts["BLOCK_M"]),)  # noqa: E731
         wrap_triton(kernel)[grid](*args, **meta)
@@ -328,7 +374,7 @@ def _fused_score_state_op(
             *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return top_v, top_i, lse
+    return args[3], args[4], args[5]
 
 
 @_fused_score_state_op.register_fake
@@ -374,8 +420,14 @@ def fused_score_state(
         raise InvalidArgument(f"X and W must be on the same device, got {X.device} and {W.device}")
     if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= min(MAX_C, W.shape[0]):
         raise InvalidArgument(f"c must be an integer in [1, min({MAX_C}, K={W.shape[0]})], got {c!r}")
-    if not (isinstance(inv_temp, (int, float)) and math.isfinite(inv_temp) and inv_temp > 0):
-        raise InvalidArgument(f"inv_temp must be a finite positive number, got {inv_temp!r}")
+    if not (isinstance(inv_temp, (int, float)) and math.isfinite(inv_temp) and 0 < inv_temp <= MAX_INV_TEMPERATURE):
+        # Past MAX_INV_TEMPERATURE the base-2 logit scale (inv_temp · log2 e, a float32 argument)
+        # overflows and every logit becomes inf.
+        raise InvalidArgument(
+            f"inv_temp must be finite, > 0 and at most {MAX_INV_TEMPERATURE:.3g}, got {inv_temp!r}", param="inv_temp"
+        )
+    if X.shape[1] == 0:
+        raise InvalidArgument("X and W must have at least one column (D >= 1)", param="X")
     return torch.ops.deltakern.fused_score_state_triton(
         X, W, float(inv_temp), int(c), bool(normalize), bool(allow_tf32)
     )
