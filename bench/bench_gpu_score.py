@@ -1,5 +1,7 @@
-"""The GPU scoring table: the fused Triton kernel vs eager PyTorch, torch.compile of the reference
-and a bare torch.mm of the same shape and dtype (the ceiling).
+"""The GPU scoring table: the fused Triton kernel vs eager PyTorch, torch.compile of the reference,
+a bare torch.mm of the same shape and dtype (the ceiling) and a plain Triton GEMM with the fused
+kernel's own tiles and products writing the logits, no epilogue (``triton-gemm``,
+deltakern/ops/triton/gemm.py): the upper bound for what the fused kernel can reach.
 
 ``triton.testing.do_bench`` medians on rotated inputs (three copies of X and W cycled, L2 flushed
 between calls) at N = 1,000,000, D = 512, K in {10, 1000, 20000}, bfloat16 and float32.
@@ -22,8 +24,33 @@ import torch
 
 from deltakern import bench as bm
 from deltakern.bench import suite as bs
+from deltakern.bench.providers import Case
 
-PROVIDERS = ("deltakern-triton", "eager", "compile-reference", "torch.mm")
+PROVIDERS = ("deltakern-triton", "triton-gemm", "eager", "compile-reference", "torch.mm")
+
+
+def _make_triton_gemm(case: Case):
+    """The plain Triton GEMM with the tiles the fused kernel uses for this dtype and c, into one
+    reused [rows, K] output buffer (over row blocks when the full logits do not fit)."""
+    from deltakern.bench.providers import RowBlocks
+    from deltakern.ops.triton import gemm
+
+    def body(x, w):
+        if body.buf is None or body.buf.shape[0] < x.shape[0]:
+            body.buf = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+        return gemm.logits(x, w, c=case.c, out=body.buf[: x.shape[0]])
+
+    body.buf = None
+    return RowBlocks(body, combine=lambda parts: parts[-1], note="same tiles as deltakern-triton; one output buffer")
+
+
+def providers() -> dict[str, dict]:
+    """The score suite's CUDA providers plus the Triton GEMM baseline."""
+    from deltakern.bench.providers import Provider, score_providers
+
+    chosen = score_providers("cuda")
+    chosen["triton-gemm"] = Provider("triton-gemm", "ceiling", _make_triton_gemm, checked=False)
+    return {"score": chosen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         providers=args.providers, check_rows=args.check_rows, rotations=3,
     )
     meta = {"command": " ".join(["python", "bench/bench_gpu_score.py"] + (argv if argv is not None else sys.argv[1:])), **bm.environment()}
-    rows = bs.run_suite(cases, options, on_case=bs.results_writer(args.out, "gpu_score", meta))
+    rows = bs.run_suite(cases, options, providers=providers(), on_case=bs.results_writer(args.out, "gpu_score", meta))
     print(bm.format_table(rows))
     for c in bs.compare(rows, "deltakern-triton", "eager"):
         print(f"{c['shape']} {c['dtype']}: triton {c['provider_ms']:.2f} ms, {c['speedup']:.1f}x faster than eager")
+    for c in bs.compare(rows, "deltakern-triton", "triton-gemm"):
+        print(f"{c['shape']} {c['dtype']}: fused at {100 * c['speedup']:.0f}% of the Triton GEMM's rate (same tiles)")
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

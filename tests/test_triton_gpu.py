@@ -116,6 +116,7 @@ def test_allow_tf32_error_is_bounded_and_reported():
     assert measured[True]["energy"] * 0.01 <= 1.1e-3
 
 
+@pytest.mark.slow  # heavy: opt-in in bench/gpu_check.sh (GPU_CHECK_HEAVY=1)
 def test_rows_times_classes_beyond_int32(fused):
     """N·K > 2^31 (N = 2.2M, K = 1000) with a cheap D: against the chunked reference."""
     n, k, d = 2_200_000, 1000, 16
@@ -130,6 +131,7 @@ def test_rows_times_classes_beyond_int32(fused):
         assert_indices_match(got_i[rows], want_i[rows], logits64(X[rows], W, 0.01), torch.bfloat16)
 
 
+@pytest.mark.slow  # heavy: opt-in in bench/gpu_check.sh (GPU_CHECK_HEAVY=1)
 def test_row_offsets_beyond_int32(fused):
     """N·D > 2^31 elements of X: rows past the int32 range are read at the right address."""
     d, k = 64, 7
@@ -181,6 +183,7 @@ def test_opcheck(fused):
         torch.library.opcheck(torch.ops.deltakern.fused_score_state_triton.default, (X, W, 100.0, c, True, False))
 
 
+@pytest.mark.slow  # heavy: opt-in in bench/gpu_check.sh (GPU_CHECK_HEAVY=1)
 def test_torch_compile_calls_the_op(fused):
     X, W = make_inputs(1031, 257, 96, seed=12, dtype=torch.bfloat16)
 
@@ -192,6 +195,7 @@ def test_torch_compile_calls_the_op(fused):
         assert torch.equal(got, want)
 
 
+@pytest.mark.slow  # heavy: opt-in in bench/gpu_check.sh (GPU_CHECK_HEAVY=1)
 def test_autotuning_behind_env(fused, monkeypatch):
     monkeypatch.setenv("DELTAKERN_AUTOTUNE", "1")
     monkeypatch.setattr(fused, "_autotuned", None)
