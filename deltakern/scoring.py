@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -30,13 +29,6 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def _has_cpu_kernel() -> bool:
-    # Asked once per process: the lookup lists every op of the dispatcher (milliseconds, which
-    # dominated small dk.score calls), and a loaded extension's kernels never change.
-    return registry.has_kernel("fused_score_state", "CPU")
-
-
 def backend_status(device: torch.device | str) -> dict[str, str | None]:
     """``{backend: None if usable on device else the reason it is not}`` (auto excluded)."""
     device = torch.device(device)
@@ -45,7 +37,7 @@ def backend_status(device: torch.device | str) -> dict[str, str | None]:
         status["cpp"] = f"the compiled extension is not loaded ({extension.unavailable_reason()})"
     elif device.type != "cpu":
         status["cpp"] = "the C++ scoring kernel runs on CPU tensors (CUDA uses the Triton kernel)"
-    elif not _has_cpu_kernel():
+    elif not registry.has_kernel("fused_score_state", "CPU"):
         status["cpp"] = "the extension has no CPU kernel for fused_score_state"
     else:
         status["cpp"] = None

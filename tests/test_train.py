@@ -342,3 +342,33 @@ def test_benchmark_steps_reports_rates():
         report = tr.benchmark_steps(clip, num_classes=5, batch_size=4, steps=2, warmup_steps=1, cache_image_features=cached)
         assert report["steps_per_second"] > 0 and len(report["step_times"]) == 2
         assert report["cache_image_features"] is cached and report["n_ctx"] == 4
+
+
+def test_benchmark_steps_times_real_optimizer_steps(monkeypatch):
+    """Each timed step encodes (unless cached), runs the loss backward and steps the optimizer;
+    the reported rate is the median step's."""
+    clip = _tiny()
+    calls = {"encode": 0, "optimizer": 0, "backward": 0}
+    encode_image = clip.model.encode_image
+
+    def counting_encode(*args, **kwargs):
+        calls["encode"] += 1
+        return encode_image(*args, **kwargs)
+
+    sgd_step = torch.optim.SGD.step
+
+    def counting_step(self, *args, **kwargs):
+        calls["optimizer"] += 1
+        # The context must have a gradient from the loss when the optimizer steps.
+        assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for g in self.param_groups for p in g["params"])
+        return sgd_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(clip.model, "encode_image", counting_encode)
+    monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
+    for cached, encodes in ((False, 5), (True, 1)):
+        calls.update(encode=0, optimizer=0)
+        report = tr.benchmark_steps(clip, num_classes=5, batch_size=4, steps=3, warmup_steps=2, cache_image_features=cached)
+        assert calls["encode"] == encodes and calls["optimizer"] == 5
+        times = report["step_times"]
+        assert len(times) == 3 and report["steps_per_second"] == pytest.approx(1.0 / sorted(times)[1])
+

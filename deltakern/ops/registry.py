@@ -15,6 +15,7 @@ and the thin call wrappers the public functions use, so no other module touches
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -114,8 +115,12 @@ def _register_loss_ops() -> None:
     torch.library.register_autograd("deltakern::ebm_loss_forward", _backward, setup_context=_setup_context)
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
-    """True when ``deltakern::op_name`` has a kernel for the dispatch key (e.g. "CPU")."""
+    """True when ``deltakern::op_name`` has a kernel for the dispatch key (e.g. "CPU").
+
+    Cached: the compiled ops are registered once, when the extension loads, and listing every
+    dispatcher op to find them costs tens of milliseconds, too much for each ``dk.score`` call."""
     if not ensure_registered():
         return False
     qualified = f"deltakern::{op_name}"
