@@ -22,7 +22,10 @@ TORCH_LIBRARY(deltakern, m) {
   // the edited cosine s = sum(keep * x_hat * w_hat_t) before the clamp at `reset`, and the
   // log-sum-exps of l and of l without column t. Only a chunk of the logits exists at a time.
   // Returns (ce [N], delta [N], lse [N], lse_other [N], target [N] int64, edited [N],
-  // keep [N, D] bool); ce is on the edited logits when ce_edited.
+  // keep [N, D] bool); ce is on the edited logits when ce_edited. Both loss ops check their own
+  // arguments (shapes, dtypes, one device, labels and target in [0, K), 1 <= mask_count <= D,
+  // inv_temp finite, > 0 and small enough that the logits cannot overflow) and raise on rows
+  // whose logits are not finite: a direct call never hangs or reads outside its tensors.
   m.def(
       "ebm_loss_forward(Tensor x, Tensor w, Tensor labels, float inv_temp, float reset, "
       "int mask_count, bool target_pred, bool ce_edited, bool normalize) "
