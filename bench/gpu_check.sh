@@ -17,19 +17,23 @@
 #
 #   build        120 s  pip install -e . (C++ and the CUDA kernels for this GPU's arch only)
 #   extension     20 s  deltakern._C loads, with CUDA kernels
-#   triton_tests 100 s  tests/test_triton_gpu.py without the heavy tests. Measured on the CPU by
+#   triton_tests 150 s  tests/test_triton_gpu.py without the heavy tests. Counted on the CPU by
 #                       specialising each of its kernel launches as Triton does
-#                       (deltakern.ops.triton.compiled.specialize): 25 distinct kernels to compile,
-#                       0.7-3 s each cold on a GPU machine, so <= 75 s of compiles + ~20 s of tests.
+#                       (deltakern.ops.triton.compiled.specialize): 27 distinct kernels to compile,
+#                       3 of them at c = 16. Cold compiles on a 2-core CPU take ~3-5 s (c <= 5) and
+#                       ~10 s (c = 16), so ~125 s of compiles at worst + ~20 s of tests; Triton's
+#                       cache (~/.triton) makes a rerun on the same machine cheap.
 #   loss_tests    50 s  tests/test_loss_gpu.py and tests/test_ops_checks.py (no Triton compiles;
 #                       the largest case is B = 4096, K = 200,000)
-#   other_tests   30 s  every other test file with a gpu mark (metrics, the benchmark files)
+#   other_tests   30 s  every other tests/ file with a gpu mark (the CUDA metrics)
 #   score_table   90 s  bench/bench_gpu_score.py at K = 1000 (bf16, float32): the fused kernel,
 #                       its Triton GEMM baseline, torch.mm, eager, torch.compile
 #   loss_bench    30 s  the fused EBM loss at B = 65,536
 #   pipeline      30 s  image pipeline throughput (only when open_clip is importable)
 #   heavy_tests  150 s  opt-in (GPU_CHECK_HEAVY=1): tests marked `gpu and slow` (10 autotune
 #                       configs, an Inductor compile, the 2.2M- and 33.5M-row cases)
+#   bench_tests   90 s  opt-in (GPU_CHECK_HEAVY=1): the pytest-benchmark files' GPU cases (they
+#                       repeat score_table and loss_bench, with Inductor compiles of their own)
 #
 # Every pytest step prints each test's result as it finishes (-v), failures with short
 # tracebacks and a summary of failures and errors (--tb=short -rfE), and stops any single test
@@ -39,7 +43,9 @@ set -u
 
 DRY_RUN=0
 [[ ${1:-} == --dry-run ]] && DRY_RUN=1
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}  # the sum of the step limits below; a device lease is 15 minutes with start-up
+# The default budget is the sum of the step limits below (+240 s for the opt-in heavy steps); a
+# device lease is 15 minutes including the machine's start-up.
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$(( ${GPU_CHECK_HEAVY:-0} == 1 ? 760 : 520 ))}
 TEST_DEADLINE_S=${GPU_CHECK_TEST_DEADLINE_S:-60}
 RESULTS=${OUT:-out/gpu_check}
 PY=${PYTHON:-python3}
@@ -234,7 +240,7 @@ collectable() {  # sets FILES to the collectable ones among "$@"; names the othe
 TRITON_FILES=(tests/test_triton_gpu.py)
 LOSS_FILES=(tests/test_loss_gpu.py tests/test_ops_checks.py)
 OTHER_FILES=()
-for f in $(grep -l "mark.gpu" tests/test_*.py bench/test_*.py); do
+for f in $(grep -l "mark.gpu" tests/test_*.py); do
     [[ " ${TRITON_FILES[*]} ${LOSS_FILES[*]} " == *" $f "* ]] || OTHER_FILES+=("$f")
 done
 run_tests() {  # NAME LIMIT MARK FILES...
@@ -247,7 +253,7 @@ run_tests() {  # NAME LIMIT MARK FILES...
         SUMMARY+=("$name: SKIPPED (no collectable test file)")
     fi
 }
-run_tests triton_tests 100 "gpu and not slow" "${TRITON_FILES[@]}"
+run_tests triton_tests 150 "gpu and not slow" "${TRITON_FILES[@]}"
 run_tests loss_tests 50 "gpu and not slow" "${LOSS_FILES[@]}"
 run_tests other_tests 30 "gpu and not slow" "${OTHER_FILES[@]}"
 
@@ -274,6 +280,7 @@ fi
 # --- 6. opt-in: the heavy GPU tests (autotuning, Inductor, inputs past 2^31 elements) ---------
 if [[ ${GPU_CHECK_HEAVY:-0} == 1 ]]; then
     run_tests heavy_tests 150 "gpu and slow" "${TRITON_FILES[@]}" "${LOSS_FILES[@]}" "${OTHER_FILES[@]}"
+    run_tests bench_tests 90 "gpu" bench/test_bench_*.py
 else
-    SUMMARY+=("heavy_tests: not asked for (GPU_CHECK_HEAVY=1 runs the tests marked gpu and slow)")
+    SUMMARY+=("heavy_tests: not asked for (GPU_CHECK_HEAVY=1 runs the tests marked gpu and slow, and bench/test_bench_*.py on the GPU)")
 fi

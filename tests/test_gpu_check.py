@@ -81,8 +81,9 @@ def test_a_step_past_its_limit_is_cut_and_reported(tmp_path):
     assert "score_table: SKIPPED (out of time budget)" in summary
 
 
-def test_an_interrupted_check_still_prints_its_summary(tmp_path):
-    py = fake_python(tmp_path, 'if [[ "$*" == *pip* ]]; then sleep 600; fi; exit 0')
+def test_an_interrupted_check_still_prints_its_summary_and_stops_its_step(tmp_path):
+    pid_file = tmp_path / "step.pid"
+    py = fake_python(tmp_path, f'if [[ "$*" == *pip* ]]; then echo $$ > {pid_file}; exec sleep 600; fi; exit 0')
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": py}
     proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -91,3 +92,14 @@ def test_an_interrupted_check_still_prints_its_summary(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "gpu_check summary" in out and "INTERRUPTED" in out, out
+    # The step runs under `timeout` in a process group of its own: the script must stop it too.
+    step = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(step, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(step, signal.SIGKILL)
+        pytest.fail("the interrupted step's process was left running")

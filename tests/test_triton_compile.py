@@ -46,10 +46,20 @@ def compiled():
 
 
 @functools.lru_cache(maxsize=None)
-def _pair(target: int, dtype: str, c: int, d: int = 512):
+def _gemm(target: int, dtype: str, config, d: int):
     from deltakern.ops.triton import compiled as module
 
-    return module.fused_report(target, DTYPES[dtype], c, d=d), module.gemm_report(target, DTYPES[dtype], c, d=d)
+    return module.gemm_report(target, DTYPES[dtype], 1, config=config, d=d)
+
+
+def _pair(target: int, dtype: str, c: int, d: int = 512):
+    """The fused kernel and its control; the control depends only on the tiles, so c values
+    sharing a config share one compile."""
+    from deltakern.ops.triton import compiled as module
+    from deltakern.ops.triton import fused_score
+
+    config = fused_score.tile_config((target // 10, target % 10), DTYPES[dtype], c)
+    return module.fused_report(target, DTYPES[dtype], c, d=d), _gemm(target, dtype, config, d)
 
 
 def _check_pair(compiled, capsys, target, dtype, c, d=512):
