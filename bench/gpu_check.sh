@@ -19,8 +19,8 @@
 #   extension     20 s  deltakern._C loads, with CUDA kernels
 #   triton_tests 150 s  tests/test_triton_gpu.py without the heavy tests. Counted on the CPU by
 #                       specialising each of its kernel launches as Triton does
-#                       (deltakern.ops.triton.compiled.specialize): 27 distinct kernels to compile,
-#                       3 of them at c = 16. Cold compiles on a 2-core CPU take ~3-5 s (c <= 5) and
+#                       (deltakern.ops.triton.compiled.specialize): 27 distinct fused kernels to
+#                       compile, 3 of them at c = 16, and 3 GEMM baselines. Cold compiles on a 2-core CPU take ~3-5 s (c <= 5) and
 #                       ~10 s (c = 16), so ~125 s of compiles at worst + ~20 s of tests; Triton's
 #                       cache (~/.triton) makes a rerun on the same machine cheap.
 #   loss_tests    50 s  tests/test_loss_gpu.py and tests/test_ops_checks.py (no Triton compiles;

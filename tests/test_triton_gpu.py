@@ -162,6 +162,18 @@ def test_memory_stays_linear_in_rows(fused):
     assert extra < 16 * n + 4 * k * d + (16 << 20), f"extra memory {extra} bytes"  # N·K·4 = 8 GB
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_baseline_computes_the_logits(dtype):
+    """The Triton GEMM baseline of the GPU benchmark (the fused kernel's tiles, no epilogue)."""
+    from deltakern.ops.triton import gemm
+
+    X, W = make_inputs(1031, 1001, 512, seed=14, dtype=dtype)
+    got = gemm.logits(X, W, c=1)
+    want = X.double() @ W.double().T
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 def test_inputs_are_not_modified():
     X, W = make_inputs(1031, 257, 96, seed=8, dtype=torch.bfloat16)
     X0, W0 = X.clone(), W.clone()
