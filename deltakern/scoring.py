@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from deltakern.core.constants import BACKENDS, MODES, TRITON_MAX_C
 from deltakern.core.dtypes import SAFE_ROW_EXPONENT, accumulation_dtype, rescale_rows, unit_row_exponents
 from deltakern.core.errors import InvalidArgument
+from deltakern.core.neglabel import negative_group_order, neglabel_log_share
 from deltakern.core.state import Scores, derive_scores
 from deltakern.core.validation import (
     check_bool,
@@ -17,11 +19,15 @@ from deltakern.core.validation import (
     check_finite_number,
     check_inputs,
     check_int_range,
+    check_matrix,
+    check_pair,
     check_positive,
+    check_values,
 )
 from deltakern.ops import extension, registry
 from deltakern.ops.triton import triton_status
 from deltakern.reference import scoring as reference
+from deltakern.reference.negatives import negative_lse
 
 __all__ = [
     "BACKENDS", "MODES", "Scores", "available_backends", "backend_status", "delta_energy", "energy",
@@ -115,6 +121,8 @@ def score_modes(
     normalize: bool = True,
     backend: str = "auto",
     allow_tf32: bool = False,
+    negatives: torch.Tensor | None = None,
+    negative_groups: int = 1,
 ) -> dict[str, Scores]:
     """Like :func:`score`, for several ΔEnergy modes from ONE pass over the data.
 
@@ -128,11 +136,26 @@ def score_modes(
     with torch.no_grad():
         return _score_modes(
             X, W, modes=modes, temperature=temperature, c=c, reset=reset, normalize=normalize,
-            backend=backend, allow_tf32=allow_tf32,
+            backend=backend, allow_tf32=allow_tf32, negatives=negatives, negative_groups=negative_groups,
         )
 
 
-def _score_modes(X, W, *, modes, temperature, c, reset, normalize, backend, allow_tf32) -> dict[str, Scores]:
+def _negative_state(X, negatives, groups, *, temperature, normalize):
+    """``[N, groups]`` log-sum-exps of the logits against each negative group, or None."""
+    if negatives is None:
+        return None
+    order = negative_group_order(negatives.shape[0], groups).to(negatives.device)
+    grouped = negatives.index_select(0, order)  # a new tensor: the caller's rows stay as given
+    if normalize:
+        grouped = _within_safe_range(grouped)
+    # Every backend computes the negative groups with the row-chunked reference pass for now;
+    # the fused kernels reduce the ID classes. Memory stays O(chunk·M).
+    return negative_lse(X, grouped, temperature=temperature, groups=groups, normalize=normalize)
+
+
+def _score_modes(
+    X, W, *, modes, temperature, c, reset, normalize, backend, allow_tf32, negatives, negative_groups
+) -> dict[str, Scores]:
     normalize = check_bool("normalize", normalize)
     X, W = check_inputs(X, W, normalize=normalize, rescales_rows=True)
     temperature = check_positive("temperature", temperature)
@@ -142,6 +165,11 @@ def _score_modes(X, W, *, modes, temperature, c, reset, normalize, backend, allo
         raise InvalidArgument(f"modes must be a non-empty tuple of {MODES}, got {modes!r}")
     modes = tuple(check_choice("mode", m, MODES) for m in modes)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    if negatives is not None:
+        negatives = check_matrix("negatives", negatives)
+        check_pair(X, negatives, ("X", "negatives"))
+        negatives = check_values("negatives", negatives, normalize=normalize, rescales_rows=True)
+        negative_groups = check_int_range("negative_groups", negative_groups, 1, negatives.shape[0])
     chosen = resolve_backend(backend, X.device, c)
     if chosen == "triton" and torch.float64 in (X.dtype, W.dtype):
         # The Triton kernel multiplies in float32 at most; float64 inputs keep float64 end to
@@ -155,10 +183,16 @@ def _score_modes(X, W, *, modes, temperature, c, reset, normalize, backend, allo
         X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
     )
     out_dtype = accumulation_dtype(X, W)
-    return {
+    results = {
         m: derive_scores(top_v, top_i, outside, reset_logit=reset / temperature, mode=m, out_dtype=out_dtype)
         for m in modes
     }
+    lse_neg = _negative_state(X, negatives, negative_groups, temperature=temperature, normalize=normalize)
+    if lse_neg is None:
+        return results
+    lse_id = torch.logaddexp(torch.logsumexp(top_v.to(torch.float64), dim=1), outside.to(torch.float64))
+    neglabel = neglabel_log_share(lse_id, lse_neg).to(out_dtype)
+    return {m: dataclasses.replace(r, neglabel=neglabel) for m, r in results.items()}
 
 
 def score(
@@ -172,6 +206,8 @@ def score(
     normalize: bool = True,
     backend: str = "auto",
     allow_tf32: bool = False,
+    negatives: torch.Tensor | None = None,
+    negative_groups: int = 1,
 ) -> Scores:
     """Score image embeddings ``X [N, D]`` against class embeddings ``W [K, D]``.
 
@@ -187,11 +223,17 @@ def score(
     no graph even when ``X`` or ``W`` require grad (use :func:`deltakern.ebm_loss` for a
     differentiable objective). Any finite non-zero row is normalised within the accuracy
     contract, however tiny or huge (it is rescaled by a power of two first).
+
+    ``negatives [M, D]`` (negative-label embeddings, e.g. mined by
+    :func:`deltakern.clip.negatives.mine_negative_labels`) adds the NegLabel score
+    (``Scores.neglabel``: the log of the ID share of the softmax mass over ID plus negative
+    labels, averaged over ``negative_groups`` fixed-seed groups; docs/conventions.md §2.5). Every
+    other field stays over the ID classes only and is unchanged by ``negatives``.
     """
     check_choice("mode", mode, MODES)
     return score_modes(
         X, W, modes=(mode,), temperature=temperature, c=c, reset=reset, normalize=normalize,
-        backend=backend, allow_tf32=allow_tf32,
+        backend=backend, allow_tf32=allow_tf32, negatives=negatives, negative_groups=negative_groups,
     )[mode]
 
 

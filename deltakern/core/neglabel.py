@@ -6,8 +6,7 @@ in-distribution labels when "negative" labels mined from a large vocabulary are 
 over the groups. From the ID log-sum-exp ``a = LSE(ℓ_ID)`` and the negative log-sum-exp of each
 group ``b_g = LSE(ℓ_neg, group g)``:
 
-    share_g = e^a / (e^a + e^{b_g}),    log share_g = −softplus(b_g − a)
-    neglabel = log( (1/G) Σ_g share_g ) = LSE_g(log share_g) − log G
+    share_g = e^a / (e^a + e^{b_g}),    neglabel = log( (1/G) Σ_g share_g )
 
 The score is returned as the log of the share (≤ 0, higher = more in-distribution): a confident
 row, whose share is 1 − 1e-20 in exact arithmetic, keeps its digits (≈ −1e-20) where the share
@@ -26,12 +25,18 @@ def neglabel_log_share(lse_id: torch.Tensor, lse_neg: torch.Tensor) -> torch.Ten
     """``log((1/G) Σ_g e^a / (e^a + e^{b_g}))`` per row, in float64.
 
     ``lse_id [N]`` is the log-sum-exp of the ID logits; ``lse_neg [N, G]`` those of the G
-    negative groups. Every term is a sum of positive quantities: nothing is subtracted.
+    negative groups. Two exact forms cover the two ends: when the mean share is small, the log
+    of the mean of the shares (``log share_g = −softplus(b_g − a)``); when it is close to 1,
+    ``log1p(−mean(1 − share_g))`` with ``log(1 − share_g) = −softplus(a − b_g)``, which keeps the
+    digits of a share of 1 − 1e-30. Nothing is subtracted from a number close to it.
     """
     a = lse_id.to(torch.float64).unsqueeze(1)
     b = lse_neg.to(torch.float64)
-    log_share = -F.softplus(b - a)  # softplus(x) = log1p(e^x), exact for very negative x
-    return torch.logsumexp(log_share, dim=1) - math.log(b.shape[1])
+    log_groups = math.log(b.shape[1])
+    log_mean_share = torch.logsumexp(-F.softplus(b - a), dim=1) - log_groups
+    log_mean_rest = torch.logsumexp(-F.softplus(a - b), dim=1) - log_groups  # log mean(1 − share_g)
+    near_one = log_mean_share > -math.log(2.0)
+    return torch.where(near_one, torch.log1p(-torch.exp(log_mean_rest)), log_mean_share)
 
 
 def negative_group_order(m: int, groups: int, *, seed: int = 0) -> torch.Tensor:

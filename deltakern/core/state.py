@@ -33,10 +33,13 @@ class Scores:
     pred: torch.Tensor  # [N] int64
     topk_values: torch.Tensor  # [N, c] logits
     topk_indices: torch.Tensor  # [N, c] int64
+    # log of NegLabel's ID share of the softmax mass (docs/conventions.md §2.5); None unless
+    # negative labels were given
+    neglabel: torch.Tensor | None = None  # [N]
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        """The fields as a plain ``{name: tensor}`` dict."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields that are present (not None) as a plain ``{name: tensor}`` dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def __len__(self) -> int:
         return int(self.pred.shape[0])
