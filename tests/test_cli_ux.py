@@ -5,6 +5,7 @@ GPU prints no torch.compile warnings."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -12,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -118,3 +120,58 @@ def test_bench_compile_on_a_machine_without_gpu_prints_no_warnings(tmp_path):
     noisy = [line for line in lines if "warn" in line.lower() or "CUDA" in line or TORCH_LOG_LINE.match(line)]
     assert not noisy, noisy
     assert all(line.startswith("bench:") for line in lines), lines  # only the progress bar is left
+
+
+def test_float16_features_move_scores_as_the_readme_says():
+    """README, "Features are stored as float16": `deltakern encode` L2-normalises in float32 and
+    stores its default dtype; `deltakern score --features` reads them back as float32. On CLIP-like
+    data (K=1000, D=512, τ=0.01) that moves ΔEnergy by at most a few 1e-3 (outside the float32
+    contract) and AUROC by far less than 0.001 points; --dtype float32 changes nothing."""
+    import torch
+
+    import deltakern as dk
+    from deltakern.core.constants import score_tolerance
+    from deltakern.ood.synthetic import make_synthetic
+    from deltakern.pipeline.settings import FEATURE_DTYPES, EncodeSettings
+
+    default = EncodeSettings.__dataclass_fields__["dtype"].default
+    assert default == "float16"
+    s = make_synthetic(n=20_000, k=1000, d=512, seed=0)
+    X32 = s.X / torch.linalg.vector_norm(s.X, dim=1, keepdim=True)  # as encode does, in float32
+    exact = dk.score(X32, s.W, temperature=0.01, c=3)
+    stored = dk.score(X32.to(FEATURE_DTYPES[default]).float(), s.W, temperature=0.01, c=3)
+    for field, max_abs, max_rel in (("delta_energy", 5e-3, 5e-3), ("energy", 5e-3, 2.5e-4)):
+        a, b = getattr(exact, field).double(), getattr(stored, field).double()
+        err = (a - b).abs()
+        assert float(err.max()) < max_abs and float((err / a.abs()).max()) < max_rel, field
+    err = (exact.delta_energy - stored.delta_energy).abs() / exact.delta_energy.abs().clamp_min(1)
+    assert float(err.max()) > score_tolerance(torch.float32)  # the README says: outside the float32 contract
+    ood = s.is_ood
+    for field in ("delta_energy", "energy"):
+        a, b = getattr(exact, field), getattr(stored, field)
+        assert abs(float(dk.metrics.auroc(a[~ood], a[ood])) - float(dk.metrics.auroc(b[~ood], b[ood]))) < 1e-5
+    kept = dk.score(X32.to(FEATURE_DTYPES["float32"]).float(), s.W, temperature=0.01, c=3)
+    assert torch.equal(kept.delta_energy, exact.delta_energy)
+
+
+@needs_open_clip
+def test_readme_parquet_example_runs_on_a_scored_folder(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Open the scores in Python", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1 and "pq.read_table" in blocks[0]
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (80 * i, 10, 10)).save(tmp_path / "imgs" / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["score", "--model", "deltakern-tiny", "--pretrained", "none", "--images", "imgs", "--classes", "classes.txt",
+            "--templates", "single", "--out", "scores.parquet", "--device", "cpu"]  # fmt: skip
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    rows = ast.literal_eval(printed.strip())
+    assert [r["id"] for r in rows] and sorted(r["id"] for r in rows) == ["0.png", "1.png", "2.png"]
+    assert [r["delta_energy"] for r in rows] == sorted(r["delta_energy"] for r in rows)
+    assert {r["pred_name"] for r in rows} <= {"cat", "dog"}
