@@ -12,6 +12,10 @@ TORCH_LIBRARY(deltakern, m) {
   // outside that top-c list. Logits are (x/|x|)(w/|w|)^T * inv_temp when normalize,
   // x w^T * inv_temp otherwise. The [N, K] logits matrix is never materialised.
   // Returns (topk_values [N, c], topk_indices [N, c] int64, lse_outside [N]).
+  // The CPU kernel checks its own arguments: 2-D float16/bfloat16/float32/float64 x and w with the
+  // same D on one device, 1 <= c <= K, finite inv_temp > 0; a NaN/±inf row, a zero row (with
+  // normalize) or logits that overflow raise an error naming the row. Any finite non-zero row,
+  // however tiny or huge, is normalised within the accuracy contract.
   m.def(
       "fused_score_state(Tensor x, Tensor w, float inv_temp, int c, bool normalize) "
       "-> (Tensor, Tensor, Tensor)");

@@ -1,41 +1,290 @@
 // CPU implementation of deltakern::fused_score_state.
 //
-// Rows are processed in chunks sized so that the chunk's logits (chunk x K floats, ~8 MB)
-// stay in the last-level cache: at::mm (MKL/oneDNN) writes them into one reusable buffer,
-// then a parallel epilogue reduces each row to its top-c list and outside log-sum-exp.
-// Extra memory is O(chunk*K + K*D), never O(N*K).
+// Scale in the epilogue: the GEMM runs on the rows of x as given (no normalised copy of X),
+// each row's norm is computed once, robustly, and the per-row factor inv_temp/|x| (times
+// 1/|w_k| per column when W cannot be pre-normalised) is applied to each logit in the epilogue,
+// which then reduces the row to its top-c list and outside log-sum-exp. W (small) is prepared
+// once. Rows are processed in chunks sized so that the chunk's logits (chunk x K floats, ~8 MB)
+// and, when x must be converted, its converted rows stay in the last-level cache.
+// Extra memory is O(chunk*(K + D) + K*D), never O(N*K).
+//
+// GEMM per input dtype:
+//   float32: at::mm (MKL sgemm) on x as given and the unit-norm float32 W.
+//   float64 (either input): the same in float64.
+//   bfloat16/float16 (both inputs, same dtype): on a CPU with native half-precision matrix
+//     instructions (AMX, AVX512-BF16/FP16), MKL's mixed GEMM (half inputs, float32 accumulation
+//     and output; products of half values are exact in float32). Elsewhere a chunk of x is
+//     converted to float32 in cache and multiplied by the float32 W, which is faster there.
+//     DELTAKERN_CPU_HALF_GEMM=native|float32 forces one or the other (auto by default).
+//
+// Range safety: a dot product of rows as given can under- or overflow where the normalised one
+// would not (a row at 1e-30 times W at 1e-20). A row whose norm lies outside a wide safe range
+// (or whose factor inv_temp/|x| would overflow) is copied scaled by a power of two, which is exact,
+// so tiny and huge finite rows are normalised within the accuracy contract.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
 
 #include "row_reduce.h"
 #include "rows.h"
+
+// MKL's mixed-precision GEMMs, exported by the MKL that x86 builds of torch link statically.
+// Declared weak so the extension also loads with a torch that has no MKL (the pointers are then
+// null and half inputs take the float32 path). Row-major = 101, no transpose = 111, transpose = 112.
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const void* a, int lda, const void* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const void* a, int lda, const void* b, int ldb, float beta, float* c,
+                          int ldc) __attribute__((weak));
+}
 
 namespace deltakern {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunkElements = int64_t{1} << 21;  // logits per chunk buffer (8 MB in fp32)
+constexpr int64_t kChunkElements = int64_t{1} << 21;  // logits (or converted x) per chunk buffer
 constexpr int64_t kMinChunkRows = 256;  // keeps the matmul efficient for huge K (20 MB at K = 20000)
+// Norms for which the GEMM on rows as given is exact to the contract: products that underflow
+// are then below 2^-60 of the dot product's scale, and nothing can overflow.
+constexpr double kFloatSafeLow = 0x1p-60, kFloatSafeHigh = 0x1p60;
+constexpr double kHalfSafeLow = 0x1p-30, kHalfSafeHigh = 0x1p30;  // both factors of a half GEMM
+constexpr double kDoubleSafeLow = 0x1p-500, kDoubleSafeHigh = 0x1p500;
+
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Everything the loops below rely on, so that a direct call of the op cannot read out of bounds,
+// hang or return garbage for a bad argument.
+void check_arguments(const at::Tensor& x, const at::Tensor& w, double inv_temp, int64_t c) {
+  TORCH_CHECK(x.defined() && w.defined(), "fused_score_state: x and w must be tensors");
+  TORCH_CHECK(x.layout() == at::kStrided && w.layout() == at::kStrided,
+              "fused_score_state: x and w must be dense (strided) tensors, got ", x.layout(),
+              " and ", w.layout());
+  TORCH_CHECK(x.dim() == 2, "fused_score_state: x must be 2-D [N, D], got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 2, "fused_score_state: w must be 2-D [K, D], got shape ", w.sizes());
+  TORCH_CHECK(supported_dtype(x.scalar_type()),
+              "fused_score_state: x must be float16, bfloat16, float32 or float64, got ",
+              dtype_name(x.scalar_type()));
+  TORCH_CHECK(supported_dtype(w.scalar_type()),
+              "fused_score_state: w must be float16, bfloat16, float32 or float64, got ",
+              dtype_name(w.scalar_type()));
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(),
+              "fused_score_state: this kernel takes CPU tensors, got x on ", x.device(),
+              " and w on ", w.device());
+  TORCH_CHECK(x.size(1) == w.size(1), "fused_score_state: x and w must have the same D, got x ",
+              x.sizes(), " and w ", w.sizes());
+  TORCH_CHECK(c >= 1 && c <= w.size(0), "fused_score_state: c must satisfy 1 <= c <= K = ",
+              w.size(0), " (the rows of w), got ", c);
+  TORCH_CHECK(std::isfinite(inv_temp) && inv_temp > 0.0,
+              "fused_score_state: inv_temp must be finite and > 0, got ", inv_temp);
+}
+
+// ---------------------------------------------------------------- half-precision GEMM choice
+
+using MixedGemm = decltype(&cblas_gemm_bf16bf16f32);
+
+MixedGemm mixed_gemm(at::ScalarType t) {
+  if (t == at::kBFloat16) return cblas_gemm_bf16bf16f32;
+  if (t == at::kHalf) return cblas_gemm_f16f16f32;
+  return nullptr;
+}
+
+// True when the CPU multiplies this half dtype natively and ATen's capability setting allows
+// AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2 or default turns the native path off, as it does
+// for PyTorch's own kernels). Decided once per process and dtype.
+bool native_half_cpu(at::ScalarType t) {
+  static const auto probe = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto flag = [&caps](const char* name) {
+      const auto it = caps.find(name);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    const bool avx512 = at::get_cpu_capability() == "AVX512";
+    const bool bf16 = avx512 && (flag("amx_bf16") || flag("avx512_bf16"));
+    const bool f16 = avx512 && (flag("amx_fp16") || flag("avx512_fp16"));
+    if (flag("amx_tile") && (bf16 || f16)) at::cpu::init_amx();  // asks the OS for the AMX state
+    return std::pair<bool, bool>{bf16, f16};
+  }();
+  return t == at::kBFloat16 ? probe.first : (t == at::kHalf && probe.second);
+}
+
+// Whether this call multiplies half inputs in their own dtype: both inputs of the same half
+// dtype, MKL's mixed GEMM linked, sizes within its int arguments, rows with unit column stride,
+// and the native instructions present (or the DELTAKERN_CPU_HALF_GEMM override).
+bool use_native_half(const at::Tensor& x, const at::Tensor& w) {
+  const at::ScalarType t = x.scalar_type();
+  if (t != w.scalar_type() || mixed_gemm(t) == nullptr) return false;
+  const char* env = std::getenv("DELTAKERN_CPU_HALF_GEMM");
+  const std::string mode = env == nullptr ? "auto" : env;
+  TORCH_CHECK(mode == "auto" || mode == "native" || mode == "float32" || mode.empty(),
+              "DELTAKERN_CPU_HALF_GEMM must be auto, native or float32, got '", mode, "'");
+  if (mode == "float32") return false;
+  const int64_t D = x.size(1);
+  const bool layout_ok = D >= 1 && D <= INT_MAX && w.size(0) <= INT_MAX && x.stride(1) == 1 &&
+                         x.stride(0) >= D && x.stride(0) <= INT_MAX;
+  return layout_ok && (mode == "native" || native_half_cpu(t));
+}
+
+// ---------------------------------------------------------------- norms and prepared W
+
+// Robust L2 norms (double) of `count` rows of a float or double matrix with unit column stride.
+void row_norms(const at::Tensor& rows, int64_t count, double* out) {
+  const int64_t D = rows.size(1), stride = rows.stride(0);
+  if (rows.scalar_type() == at::kDouble) {
+    const double* base = rows.data_ptr<double>();
+    at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) out[r] = norm_f64(base + r * stride, D);
+    });
+  } else {
+    const float* base = rows.data_ptr<float>();
+    at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) out[r] = std::sqrt(sum_squares_f32(base + r * stride, D));
+    });
+  }
+}
+
+// Raises for the first row whose norm cannot normalise it (non-finite or zero).
+void check_norms(const char* name, const double* norms, int64_t count, int64_t offset) {
+  for (int64_t r = 0; r < count; ++r) {
+    TORCH_CHECK(std::isfinite(norms[r]), "fused_score_state: row ", offset + r, " of ", name,
+                " has a non-finite L2 norm (a NaN or ±inf entry, or a norm beyond float64's range)");
+    TORCH_CHECK(norms[r] > 0.0, "fused_score_state: row ", offset + r, " of ", name,
+                " is zero; normalize=True needs rows with a non-zero norm");
+  }
+}
+
+// rows[r, :] *= 2^e for the listed (r, e): exact with ldexp, also where 2^e itself is past the
+// dtype's range (a subnormal row scaled up). `rows` is one of this op's own buffers.
+void scale_rows(at::Tensor& rows, const std::vector<std::pair<int64_t, int>>& exponents) {
+  const int64_t D = rows.size(1);
+  for (const auto& [r, e] : exponents) {
+    if (rows.scalar_type() == at::kDouble) {
+      double* row = rows.data_ptr<double>() + r * rows.stride(0);
+      for (int64_t d = 0; d < D; ++d) row[d] = std::ldexp(row[d], e);
+    } else {
+      float* row = rows.data_ptr<float>() + r * rows.stride(0);
+      for (int64_t d = 0; d < D; ++d) row[d] = std::ldexp(row[d], e);
+    }
+  }
+}
+
+// W converted to `acc` (a new tensor, never the caller's) and, when normalising, scaled to unit
+// rows with robust norms.
+at::Tensor prepare_w(const at::Tensor& w, at::ScalarType acc, bool normalize) {
+  at::Tensor out = w.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const int64_t K = out.size(0), D = out.size(1);
+  if (!normalize) {
+    TORCH_CHECK(at::isfinite(out).all().item<bool>(), "fused_score_state: w holds NaN or ±inf");
+    return out;
+  }
+  std::vector<double> norms(K);
+  row_norms(out, K, norms.data());
+  check_norms("w", norms.data(), K, 0);
+  // Divide in double: 1/norm of a subnormal float row is past float's range, and a float64 row
+  // that far out is first brought near 1 by an exact power of two.
+  at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      if (acc == at::kDouble) {
+        double* row = out.data_ptr<double>() + k * D;
+        if (norms[k] > 0x1p-1000 && norms[k] < 0x1p1000) {
+          const double inv = 1.0 / norms[k];
+          for (int64_t d = 0; d < D; ++d) row[d] *= inv;
+        } else {
+          const int e = -std::ilogb(norms[k]);
+          const double inv = 1.0 / std::ldexp(norms[k], e);
+          for (int64_t d = 0; d < D; ++d) row[d] = std::ldexp(row[d], e) * inv;
+        }
+      } else {
+        float* row = out.data_ptr<float>() + k * D;
+        const double inv = 1.0 / norms[k];
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(static_cast<double>(row[d]) * inv);
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- the epilogue
+
+struct ChunkScales {
+  std::vector<float> row_f32;  // per row of the chunk: inv_temp / |x| (or inv_temp)
+  std::vector<double> row_f64;
+  const float* col = nullptr;  // per class: 1/|w_k| when W is used as given, else null
+};
+
+// Scales, checks and reduces `rows` rows of logits; the first non-finite row's index or -1.
+int64_t reduce_chunk(at::Tensor& logits, int64_t rows, int64_t start, int64_t c,
+                     const ChunkScales& s, at::Tensor& top_values, int64_t* idx, at::Tensor& lse) {
+  const int64_t K = logits.size(1);
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  const auto flag = [&first_bad](int64_t n) {
+    int64_t seen = first_bad.load();
+    while (n < seen && !first_bad.compare_exchange_weak(seen, n)) {
+    }
+  };
+  if (logits.scalar_type() == at::kDouble) {
+    double* lg = logits.data_ptr<double>();
+    double* tv = top_values.data_ptr<double>();
+    double* lo = lse.data_ptr<double>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = start + r;
+        if (!scale_row_f64(lg + r * K, K, s.row_f64[r])) {
+          flag(n);
+          continue;
+        }
+        lo[n] = reduce_row_f64(lg + r * K, K, c, tv + n * c, idx + n * c);
+      }
+    });
+  } else {
+    float* lg = logits.data_ptr<float>();
+    float* tv = top_values.data_ptr<float>();
+    float* lo = lse.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = start + r;
+        if (!scale_row_f32(lg + r * K, K, s.row_f32[r], s.col)) {
+          flag(n);
+          continue;
+        }
+        lo[n] = reduce_row_f32(lg + r * K, K, c, tv + n * c, idx + n * c);
+      }
+    });
+  }
+  const int64_t bad = first_bad.load();
+  return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+}
+
+// ---------------------------------------------------------------- the op
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::Tensor& x,
                                                                      const at::Tensor& w,
                                                                      double inv_temp, int64_t c,
                                                                      bool normalize) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "fused_score_state: x and w must be 2-D");
-  TORCH_CHECK(x.size(1) == w.size(1), "fused_score_state: x and w must have the same D");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "fused_score_state: CPU tensors");
-  const int64_t N = x.size(0);
-  const int64_t K = w.size(0);
-  TORCH_CHECK(c >= 1 && c <= K, "fused_score_state: c must be in [1, K], got ", c);
-
+  check_arguments(x, w, inv_temp, c);
+  // Scores are computed without autograd; the out= GEMM below refuses inputs that require grad.
+  at::NoGradGuard no_grad;
+  const int64_t N = x.size(0), K = w.size(0), D = x.size(1);
   const at::ScalarType acc = accumulation_type(x, w);
-  const bool use_double = acc == at::kDouble;
-  // 1/tau is folded into the (small) class matrix once, so the epilogue reads final logits.
-  const at::Tensor w_scaled = (prepare_rows(w, acc, normalize) * inv_temp).contiguous();
-  const at::Tensor w_t = w_scaled.t();
+  const bool f64 = acc == at::kDouble;
 
   auto opts = x.options().dtype(acc);
   at::Tensor top_values = at::empty({N, c}, opts);
@@ -43,35 +292,112 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::T
   at::Tensor lse_outside = at::empty({N}, opts);
   if (N == 0) return {top_values, top_indices, lse_outside};
 
-  const int64_t chunk = std::min(N, std::max(kMinChunkRows, kChunkElements / K));
-  at::Tensor buffer = at::empty({chunk, K}, opts);
+  // W: the half GEMM uses it as given with a per-class factor 1/|w_k|; every other GEMM uses a
+  // prepared copy with unit rows (or as given without normalize), built once and lazily.
+  bool native = !f64 && use_native_half(x, w);
+  at::Tensor w_native;
+  std::vector<float> col_scale;
+  if (native) {
+    w_native = w.contiguous();
+    if (normalize) {
+      std::vector<double> norms(K);
+      row_norms(w_native.to(at::kFloat), K, norms.data());
+      check_norms("w", norms.data(), K, 0);
+      native = std::all_of(norms.begin(), norms.end(),
+                           [](double v) { return v >= kHalfSafeLow && v <= kHalfSafeHigh; });
+      col_scale.resize(K);
+      for (int64_t k = 0; k < K; ++k) col_scale[k] = static_cast<float>(1.0 / norms[k]);
+    } else {
+      TORCH_CHECK(at::isfinite(w).all().item<bool>(), "fused_score_state: w holds NaN or ±inf");
+    }
+  }
+  at::Tensor w_acc;  // [K, D] in acc, prepared when a chunk needs it
+  const auto prepared_w = [&]() -> const at::Tensor& {
+    if (!w_acc.defined()) w_acc = prepare_w(w, acc, normalize);
+    return w_acc;
+  };
+  if (!native) prepared_w();
+
+  const int64_t per_row = std::max(K, D);
+  const int64_t chunk = std::min(N, std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(per_row, 1)));
+  at::Tensor logits_buf = at::empty({chunk, K}, opts);
+  at::Tensor x_buf;  // converted (and where needed rescaled) rows of x, in acc
+  // x as the GEMM reads it directly: its own dtype is the GEMM's, with unit column stride.
+  const bool x_direct = !native && x.scalar_type() == acc && x.stride(1) == 1;
+  const double safe_low = f64 ? kDoubleSafeLow : kFloatSafeLow;
+  const double safe_high = f64 ? kDoubleSafeHigh : kFloatSafeHigh;
+  const double scale_max = f64 ? DBL_MAX / 4 : FLT_MAX / 4;
+  std::vector<double> norms(chunk);
+  std::vector<std::pair<int64_t, int>> rescale;  // (row, e): the row is multiplied by 2^e
+  ChunkScales scales;
+  scales.row_f32.resize(f64 ? 0 : chunk);
+  scales.row_f64.resize(f64 ? chunk : 0);
   int64_t* idx_ptr = top_indices.data_ptr<int64_t>();
 
   for (int64_t start = 0; start < N; start += chunk) {
     const int64_t rows = std::min(chunk, N - start);
-    at::Tensor logits = buffer.narrow(0, 0, rows);
-    at::mm_out(logits, prepare_rows(x.narrow(0, start, rows), acc, normalize), w_t);
-    if (use_double) {
-      const double* lg = logits.data_ptr<double>();
-      double* tv = top_values.data_ptr<double>();
-      double* lo = lse_outside.data_ptr<double>();
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t n = start + r;
-          lo[n] = reduce_row_f64(lg + r * K, K, c, tv + n * c, idx_ptr + n * c);
-        }
-      });
-    } else {
-      const float* lg = logits.data_ptr<float>();
-      float* tv = top_values.data_ptr<float>();
-      float* lo = lse_outside.data_ptr<float>();
-      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t n = start + r;
-          lo[n] = reduce_row_f32(lg + r * K, K, c, tv + n * c, idx_ptr + n * c);
-        }
-      });
+    const at::Tensor xc = x.narrow(0, start, rows);
+    // `a`: the chunk's rows in acc, read by the norms and by the acc GEMM: x itself where
+    // possible, else an exact conversion in the cache-sized buffer (the native half GEMM reads
+    // x itself and needs the conversion only for the norms).
+    at::Tensor a;
+    bool in_buffer = false;
+    const auto to_buffer = [&]() {
+      if (!x_buf.defined()) x_buf = at::empty({chunk, D}, opts);
+      a = x_buf.narrow(0, 0, rows);
+      a.copy_(xc);
+      in_buffer = true;
+    };
+    if (x_direct) {
+      a = xc;
+    } else if (!native || normalize) {
+      to_buffer();
     }
+
+    bool chunk_native = native;
+    if (normalize) {
+      row_norms(a, rows, norms.data());
+      check_norms("x", norms.data(), rows, start);
+      rescale.clear();
+      for (int64_t r = 0; r < rows; ++r) {
+        const double v = norms[r];
+        const bool big_scale = inv_temp / v > scale_max;
+        if (v < kHalfSafeLow || v > kHalfSafeHigh || big_scale) chunk_native = false;
+        if (v < safe_low || v > safe_high || big_scale) {
+          rescale.emplace_back(r, -std::ilogb(v));  // v * 2^e in [1, 2)
+        }
+      }
+      // A row outside the half GEMM's safe range sends its chunk to the acc GEMM (rare); a row
+      // outside the acc GEMM's safe range is multiplied by a power of two, which is exact.
+      if (!rescale.empty() && !chunk_native) {
+        if (!in_buffer) to_buffer();
+        scale_rows(a, rescale);
+        for (const auto& [r, e] : rescale) norms[r] = std::ldexp(norms[r], e);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        if (f64) scales.row_f64[r] = inv_temp / norms[r];
+        else scales.row_f32[r] = static_cast<float>(inv_temp / norms[r]);
+      }
+    } else {
+      if (f64) std::fill(scales.row_f64.begin(), scales.row_f64.end(), inv_temp);
+      else std::fill(scales.row_f32.begin(), scales.row_f32.end(), static_cast<float>(inv_temp));
+    }
+
+    at::Tensor logits = logits_buf.narrow(0, 0, rows);
+    if (chunk_native) {
+      mixed_gemm(x.scalar_type())(101, 111, 112, static_cast<int>(rows), static_cast<int>(K),
+                                  static_cast<int>(D), 1.0f, xc.data_ptr(), static_cast<int>(x.stride(0)),
+                                  w_native.data_ptr(), static_cast<int>(D), 0.0f,
+                                  logits.data_ptr<float>(), static_cast<int>(K));
+      scales.col = normalize ? col_scale.data() : nullptr;
+    } else {
+      at::mm_out(logits, a, prepared_w().t());
+      scales.col = nullptr;
+    }
+    const int64_t bad = reduce_chunk(logits, rows, start, c, scales, top_values, idx_ptr, lse_outside);
+    TORCH_CHECK(bad < 0, "fused_score_state: the logits of row ", bad,
+                " are not finite: x or w holds NaN or ±inf, or x·wᵀ·inv_temp overflows ",
+                dtype_name(acc), " (rescale the inputs or pass float64)");
   }
   return {top_values, top_indices, lse_outside};
 }

@@ -1,7 +1,18 @@
-// One-pass top-c + outside log-sum-exp of a row (see row_reduce.h for why).
+// Per-row kernels (see row_reduce.h for why they look the way they do).
 #include "row_reduce.h"
 
+#include <ATen/Version.h>
+
 #include <cmath>
+#include <string>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#include <immintrin.h>
+#define DK_X86_VARIANTS 1
+#define DK_TARGET(isa) __attribute__((target(isa), flatten))
+#else
+#define DK_X86_VARIANTS 0
+#endif
 
 namespace deltakern {
 namespace cpu {
@@ -27,13 +38,14 @@ struct TopList {
   int64_t capacity;
   int64_t filled = 0;
 
+  bool full() const { return filled == capacity; }
   bool accepts(T x) const { return filled < capacity || x > values[capacity - 1]; }
 
   // Inserts (x, j); returns true and the evicted value in `evicted` when the list was full.
   bool insert(T x, int64_t j, T& evicted) {
-    const bool full = filled == capacity;
-    int64_t pos = full ? capacity - 1 : filled;
-    if (full) evicted = values[capacity - 1];
+    const bool was_full = full();
+    int64_t pos = was_full ? capacity - 1 : filled;
+    if (was_full) evicted = values[capacity - 1];
     while (pos > 0 && values[pos - 1] < x) {
       values[pos] = values[pos - 1];
       indices[pos] = indices[pos - 1];
@@ -41,12 +53,8 @@ struct TopList {
     }
     values[pos] = x;
     indices[pos] = j;
-    if (!full) ++filled;
-    return full;
-  }
-
-  T threshold() const {
-    return filled < capacity ? -std::numeric_limits<T>::infinity() : values[capacity - 1];
+    if (!was_full) ++filled;
+    return was_full;
   }
 };
 
@@ -68,41 +76,269 @@ inline T finish(T max, double sum) {
                    : -std::numeric_limits<T>::infinity();
 }
 
-}  // namespace
+// Sum of exp(v - shift) over the v < threshold of a block of 64 logits (v - shift <= 0 there).
+struct GenericBlockSum {
+  static constexpr int64_t kBlock = 64;
+  static float run(const float* block, float threshold, float shift) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < kBlock; ++t) {
+      const bool outside = block[t] < threshold;
+      const float e = exp_nonpositive(outside ? block[t] - shift : 0.0f);
+      sum += outside ? e : 0.0f;
+    }
+    return sum;
+  }
+};
 
-// Blocks of 64 logits: a block whose maximum is not above the current c-th value lies wholly
-// outside the top-c list (equal values have higher indices, so they rank lower), and its
-// exponentials are summed with vector instructions. Only blocks holding a new top-c candidate
-// take the scalar path, which after the first few blocks is rare.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float reduce_row_f32(const float* row, int64_t K, int64_t c, float* top_values,
-                     int64_t* top_indices) {
-  constexpr int64_t kBlock = 64;
+#if DK_X86_VARIANTS
+// The same with AVX2+FMA intrinsics: GCC leaves the loop above scalar for AVX2 (it vectorises
+// it only with AVX-512 masks), which made the exponentials the epilogue's whole cost.
+struct Avx2BlockSum {
+  static constexpr int64_t kBlock = 64;
+  __attribute__((target("avx2,fma"))) static __m256 exp_nonpositive8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    const __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic), magic);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  }
+  __attribute__((target("avx2,fma"))) static float run(const float* block, float threshold, float shift) {
+    const __m256 thr = _mm256_set1_ps(threshold), sh = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < kBlock; t += 8) {
+      const __m256 v = _mm256_loadu_ps(block + t);
+      const __m256 outside = _mm256_cmp_ps(v, thr, _CMP_LT_OQ);
+      const __m256 e = exp_nonpositive8(_mm256_and_ps(outside, _mm256_sub_ps(v, sh)));
+      acc = _mm256_add_ps(acc, _mm256_and_ps(outside, e));
+    }
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+  }
+};
+
+// The same with SSE2 (every x86-64 CPU), for the portable variant.
+struct Sse2BlockSum {
+  static constexpr int64_t kBlock = 64;
+  static __m128 exp_nonpositive4(__m128 x) {
+    x = _mm_max_ps(x, _mm_set1_ps(-87.3365f));
+    const __m128 magic = _mm_set1_ps(12582912.0f);
+    const __m128 n = _mm_sub_ps(_mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), magic), magic);
+    __m128 r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(0.693359375f)));
+    r = _mm_add_ps(r, _mm_mul_ps(n, _mm_set1_ps(2.12194440e-4f)));
+    __m128 p = _mm_set1_ps(1.9875691500e-4f);
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.3981999507e-3f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(8.3334519073e-3f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(4.1665795894e-2f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.6666665459e-1f));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(5.0000001201e-1f));
+    const __m128 y = _mm_add_ps(_mm_add_ps(_mm_mul_ps(p, _mm_mul_ps(r, r)), r), _mm_set1_ps(1.0f));
+    const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(n), _mm_set1_epi32(127)), 23);
+    return _mm_mul_ps(y, _mm_castsi128_ps(bits));
+  }
+  static float run(const float* block, float threshold, float shift) {
+    const __m128 thr = _mm_set1_ps(threshold), sh = _mm_set1_ps(shift);
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t t = 0; t < kBlock; t += 4) {
+      const __m128 v = _mm_loadu_ps(block + t);
+      const __m128 outside = _mm_cmplt_ps(v, thr);
+      const __m128 e = exp_nonpositive4(_mm_and_ps(outside, _mm_sub_ps(v, sh)));
+      acc = _mm_add_ps(acc, _mm_and_ps(outside, e));
+    }
+    const __m128 pair = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+  }
+};
+using PortableBlockSum = Sse2BlockSum;
+#else
+using PortableBlockSum = GenericBlockSum;
+#endif
+
+// Three vectorised passes over a row that sits in L1:
+//  1. the top-c list: blocks of 64 whose maximum is not above the list's c-th value (once the
+//     list is full) are skipped after one vector max; elements of other blocks are offered to
+//     the list one by one (a comparison each; no exponential on the scalar path);
+//  2. the largest logit outside the list, m, and how many logits equal the c-th value t (those
+//     beyond the list's own copies of t are outside it: equal values rank by lower index);
+//  3. the outside sum of exp(v - m) over v < t, plus one term exp(t - m) per outside copy of t.
+// Nothing is ever subtracted from a sum, so confident rows keep every digit (row_reduce.h).
+template <typename BlockSum>
+inline float reduce_row_f32_body(const float* row, int64_t K, int64_t c, float* top_values,
+                                 int64_t* top_indices) {
+  constexpr int64_t kBlock = BlockSum::kBlock;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   TopList<float> top{top_values, top_indices, c};
-  float max = -std::numeric_limits<float>::infinity();
-  double sum = 0.0;
+  float evicted = kNegInf;
   int64_t j = 0;
   for (; j + kBlock <= K; j += kBlock) {
     const float* block = row + j;
-    float block_max = -std::numeric_limits<float>::infinity();
+    float block_max = kNegInf;
 #pragma omp simd reduction(max : block_max)
     for (int64_t t = 0; t < kBlock; ++t) block_max = block[t] > block_max ? block[t] : block_max;
-    if (block_max <= top.threshold()) {
-      if (block_max > max) {
-        sum *= std::exp(static_cast<double>(max - block_max));
-        max = block_max;
-      }
-      const float shift = max;
-      float block_sum = 0.0f;
-#pragma omp simd reduction(+ : block_sum)
-      for (int64_t t = 0; t < kBlock; ++t) block_sum += exp_nonpositive(block[t] - shift);
-      sum += block_sum;
-    } else {
-      for (int64_t t = 0; t < kBlock; ++t) take_scalar(top, max, sum, block[t], j + t);
+    if (top.full() && block_max <= top.values[c - 1]) continue;
+    for (int64_t t = 0; t < kBlock; ++t) {
+      if (top.accepts(block[t])) top.insert(block[t], j + t, evicted);
     }
   }
-  for (; j < K; ++j) take_scalar(top, max, sum, row[j], j);
-  return finish(max, sum);
+  for (; j < K; ++j) {
+    if (top.accepts(row[j])) top.insert(row[j], j, evicted);
+  }
+  if (K == c) return kNegInf;
+
+  const float threshold = top.values[c - 1];
+  int64_t in_list = 0;  // copies of the threshold inside the list
+  for (int64_t i = 0; i < c; ++i) in_list += top.values[i] == threshold;
+  float outside_max = kNegInf;
+  int64_t equal = 0;
+#pragma omp simd reduction(max : outside_max) reduction(+ : equal)
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = row[k];
+    const float below = v < threshold ? v : kNegInf;
+    outside_max = below > outside_max ? below : outside_max;
+    equal += v == threshold;
+  }
+  const int64_t equal_outside = equal - in_list;
+  if (equal_outside > 0) outside_max = threshold;
+
+  const float shift = outside_max;
+  double sum = static_cast<double>(equal_outside) * std::exp(static_cast<double>(threshold - shift));
+  int64_t k = 0;
+  for (; k + kBlock <= K; k += kBlock) sum += BlockSum::run(row + k, threshold, shift);
+  for (; k < K; ++k) {
+    if (row[k] < threshold) sum += std::exp(static_cast<double>(row[k] - shift));
+  }
+  return finish(shift, sum);
+}
+
+// x * 0 is 0 for every finite x and NaN for NaN and ±inf, so one vectorised sum of them tells
+// whether a whole row is finite.
+inline bool scale_row_f32_body(float* row, int64_t K, float scale, const float* col_scale) {
+  float probe = 0.0f;
+  if (col_scale == nullptr) {
+#pragma omp simd reduction(+ : probe)
+    for (int64_t j = 0; j < K; ++j) {
+      const float v = row[j] * scale;
+      row[j] = v;
+      probe += v * 0.0f;
+    }
+  } else {
+#pragma omp simd reduction(+ : probe)
+    for (int64_t j = 0; j < K; ++j) {
+      const float v = (row[j] * col_scale[j]) * scale;
+      row[j] = v;
+      probe += v * 0.0f;
+    }
+  }
+  return probe == 0.0f;
+}
+
+inline double sum_squares_f32_body(const float* row, int64_t D) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = row[d];
+    sum += v * v;
+  }
+  return sum;
+}
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+// The best variant both the CPU and ATen's capability setting allow, decided once.
+Isa select_isa() {
+#if DK_X86_VARIANTS
+  const std::string aten = at::get_cpu_capability();
+  __builtin_cpu_init();
+  if (aten == "AVX512" && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma")) {
+    return Isa::kAvx2;
+  }
+#endif
+  return Isa::kDefault;
+}
+
+Isa isa() {
+  static const Isa chosen = select_isa();
+  return chosen;
+}
+
+#if DK_X86_VARIANTS
+DK_TARGET("avx512f,avx2,fma")
+float reduce_row_f32_avx512(const float* row, int64_t K, int64_t c, float* tv, int64_t* ti) {
+  return reduce_row_f32_body<GenericBlockSum>(row, K, c, tv, ti);
+}
+DK_TARGET("avx2,fma")
+float reduce_row_f32_avx2(const float* row, int64_t K, int64_t c, float* tv, int64_t* ti) {
+  return reduce_row_f32_body<Avx2BlockSum>(row, K, c, tv, ti);
+}
+DK_TARGET("avx512f,avx2,fma")
+bool scale_row_f32_avx512(float* row, int64_t K, float scale, const float* col_scale) {
+  return scale_row_f32_body(row, K, scale, col_scale);
+}
+DK_TARGET("avx2,fma")
+bool scale_row_f32_avx2(float* row, int64_t K, float scale, const float* col_scale) {
+  return scale_row_f32_body(row, K, scale, col_scale);
+}
+DK_TARGET("avx512f,avx2,fma")
+double sum_squares_f32_avx512(const float* row, int64_t D) { return sum_squares_f32_body(row, D); }
+DK_TARGET("avx2,fma")
+double sum_squares_f32_avx2(const float* row, int64_t D) { return sum_squares_f32_body(row, D); }
+#endif
+
+}  // namespace
+
+float reduce_row_f32(const float* row, int64_t K, int64_t c, float* top_values,
+                     int64_t* top_indices) {
+#if DK_X86_VARIANTS
+  switch (isa()) {
+    case Isa::kAvx512: return reduce_row_f32_avx512(row, K, c, top_values, top_indices);
+    case Isa::kAvx2: return reduce_row_f32_avx2(row, K, c, top_values, top_indices);
+    case Isa::kDefault: break;
+  }
+#endif
+  return reduce_row_f32_body<PortableBlockSum>(row, K, c, top_values, top_indices);
+}
+
+bool scale_row_f32(float* row, int64_t K, float scale, const float* col_scale) {
+#if DK_X86_VARIANTS
+  switch (isa()) {
+    case Isa::kAvx512: return scale_row_f32_avx512(row, K, scale, col_scale);
+    case Isa::kAvx2: return scale_row_f32_avx2(row, K, scale, col_scale);
+    case Isa::kDefault: break;
+  }
+#endif
+  return scale_row_f32_body(row, K, scale, col_scale);
+}
+
+double sum_squares_f32(const float* row, int64_t D) {
+#if DK_X86_VARIANTS
+  switch (isa()) {
+    case Isa::kAvx512: return sum_squares_f32_avx512(row, D);
+    case Isa::kAvx2: return sum_squares_f32_avx2(row, D);
+    case Isa::kDefault: break;
+  }
+#endif
+  return sum_squares_f32_body(row, D);
+}
+
+const char* kernel_isa() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kDefault: break;
+  }
+  return "default";
 }
 
 double reduce_row_f64(const double* row, int64_t K, int64_t c, double* top_values,
@@ -112,6 +348,31 @@ double reduce_row_f64(const double* row, int64_t K, int64_t c, double* top_value
   double sum = 0.0;
   for (int64_t j = 0; j < K; ++j) take_scalar(top, max, sum, row[j], j);
   return finish(max, sum);
+}
+
+bool scale_row_f64(double* row, int64_t K, double scale) {
+  double probe = 0.0;
+  for (int64_t j = 0; j < K; ++j) {
+    row[j] *= scale;
+    probe += row[j] * 0.0;
+  }
+  return probe == 0.0;
+}
+
+double norm_f64(const double* row, int64_t D) {
+  double largest = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double a = std::fabs(row[d]);
+    if (std::isnan(a)) return a;
+    if (a > largest) largest = a;
+  }
+  if (largest == 0.0 || std::isinf(largest)) return largest;
+  double sum = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = row[d] / largest;
+    sum += v * v;
+  }
+  return largest * std::sqrt(sum);
 }
 
 }  // namespace cpu

@@ -1,11 +1,16 @@
-// Per-row one-pass reduction shared by the CPU kernels: the sorted top-c logits of a row
-// and the log-sum-exp of every logit outside that top-c list.
+// Per-row kernels shared by the CPU ops: the one-pass top-c + outside log-sum-exp reduction,
+// the epilogue that turns a row of raw dot products into logits, and robust row norms.
 //
 // Why one pass with an "outside" sum: ΔEnergy needs log-sum-exps of a row with its top
 // entries replaced. Subtracting exp(top) from the full sum loses every digit for confident
 // rows (top-1 probability ~ 1 - 1e-12), so the sum of the *remaining* terms is kept directly:
 // an element enters the outside sum when it is read below the current top-c threshold, or
 // when it is pushed out of the top-c list by a larger one.
+//
+// The float kernels are compiled for several instruction sets (AVX-512, AVX2+FMA, baseline
+// x86-64) and picked once per process: the best one the CPU runs AND ATen's CPU capability
+// allows, so ATEN_CPU_CAPABILITY=default (or avx2) forces the portable code, as it does for
+// PyTorch's own kernels.
 #pragma once
 
 #include <cstdint>
@@ -43,15 +48,34 @@ inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
-// Reduce one row of float logits. top_values/top_indices (length c) receive the sorted
-// top-c (ties: lower index first); returns the log-sum-exp of the other K - c logits
-// (-inf when K == c). Defined in row_reduce.cpp, compiled for several ISAs.
+// Reduce one row of float logits. top_values/top_indices (length c, 1 <= c <= K) receive the
+// sorted top-c (ties: lower index first); returns the log-sum-exp of the other K - c logits
+// (-inf when K == c). The logits must be finite (scale_row_f32 checks that).
 float reduce_row_f32(const float* row, int64_t K, int64_t c, float* top_values,
                      int64_t* top_indices);
 
 // Same for double logits (float64 inputs: the oracle path, plain scalar code).
 double reduce_row_f64(const double* row, int64_t K, int64_t c, double* top_values,
                       int64_t* top_indices);
+
+// The epilogue of a GEMM on rows as given: row[j] = (row[j] * col_scale[j]) * scale in place
+// (col_scale may be null: row[j] * scale). Returns false when any result is NaN or ±inf, which
+// is how a non-finite input or an overflowing logit is caught without a pass of its own.
+bool scale_row_f32(float* row, int64_t K, float scale, const float* col_scale);
+bool scale_row_f64(double* row, int64_t K, double scale);
+
+// Sum of squares of a float row accumulated in double: the square of every finite float,
+// subnormals included, is a normal double, so it neither underflows nor overflows (a NaN or
+// ±inf entry gives NaN or +inf).
+double sum_squares_f32(const float* row, int64_t D);
+
+// L2 norm of a double row without underflow or premature overflow: the row is scaled by its
+// largest magnitude first. NaN when the row holds a NaN, +inf for ±inf entries or a norm past
+// float64's range, 0 for a zero row.
+double norm_f64(const double* row, int64_t D);
+
+// Which variant the float kernels use in this process: "avx512", "avx2" or "default".
+const char* kernel_isa();
 
 }  // namespace cpu
 }  // namespace deltakern
