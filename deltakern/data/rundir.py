@@ -119,6 +119,8 @@ _FINGERPRINTS = {
     "classnames_sha256": "the class names (--classes/--imagenet)",
     "templates_sha256": "the prompt templates (--templates)",
     "prompts": "the --prompts checkpoint",
+    "negative_labels_sha256": "the negative-label vocabulary (--negative-labels)",
+    "negative_templates_sha256": "the templates of the negative labels (--templates)",
 }
 
 

@@ -97,6 +97,61 @@ def class_embeddings(
     )
 
 
+@dataclass(frozen=True)
+class NegativePlan:
+    """The negative labels a score run will mine (NegLabel), checked before the model loads."""
+
+    vocabulary: list[str]  # usable candidates: unique, without the ID class names
+    templates: list[str]
+    id_names: list[str]
+    n_negative: int
+    identity: dict[str, Any]  # recorded in run.json
+
+    def mine(self, clip: Any, *, cache_dir: str | None, seed: int, autocast_dtype: torch.dtype | None):
+        """The mined :class:`~deltakern.clip.negatives.NegativeLabels` (cached on disk)."""
+        from deltakern.clip.negatives import mine_negative_labels
+
+        return mine_negative_labels(
+            clip, self.id_names, self.vocabulary, self.n_negative, self.templates,
+            cache_dir=cache_dir, seed=seed, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+
+
+def plan_negatives(settings: Any, plan: ClassPlan) -> NegativePlan | None:
+    """Read and check the negative-label vocabulary of a score run (None without one).
+
+    The candidates are embedded with the run's templates (the ``templates`` setting when the
+    classes come from a prompt checkpoint)."""
+    if settings.negative_labels is None:
+        return None
+    import hashlib
+    import json
+
+    from deltakern.clip.negatives import read_vocabulary
+
+    vocabulary = read_vocabulary(settings.negative_labels, plan.names)
+    if settings.n_negative > len(vocabulary):
+        raise InvalidArgument(
+            f"n_negative={settings.n_negative} exceeds the {len(vocabulary)} usable entries of {settings.negative_labels} "
+            "(after removing duplicates and the ID class names)",
+            param="n_negative",
+        )
+    templates = plan.templates
+    if templates is None:
+        templates = list(
+            zeroshot.template_preset(settings.templates)
+            if settings.templates in zeroshot.TEMPLATE_PRESETS
+            else _read(settings.templates, "templates")
+        )
+    identity = {
+        "negative_labels_sha256": hashlib.sha256(json.dumps(vocabulary).encode("utf-8")).hexdigest(),
+        "n_negative": settings.n_negative,
+        "negative_groups": settings.negative_groups,
+        "negative_templates_sha256": zeroshot.templates_hash(templates),
+    }
+    return NegativePlan(vocabulary, list(templates), list(plan.names), settings.n_negative, identity)
+
+
 def _read(path: str, name: str) -> list[str]:
     try:
         return read_lines(path, name=name)

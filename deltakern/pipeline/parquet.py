@@ -11,10 +11,12 @@ from deltakern.core.errors import InvalidArgument
 from deltakern.data.atomic import atomic_path
 
 
-def scores_schema(c: int):
-    """The parquet schema of ``deltakern score`` output for top-``c`` indices."""
+def scores_schema(c: int, *, neglabel: bool = False):
+    """The parquet schema of ``deltakern score`` output for top-``c`` indices (with a
+    ``neglabel`` column when the run used negative labels)."""
     import pyarrow as pa
 
+    extra = [("neglabel", pa.float32())] if neglabel else []
     return pa.schema(
         [
             ("id", pa.string()),
@@ -26,16 +28,19 @@ def scores_schema(c: int):
             ("msp", pa.float32()),
             ("max_logit", pa.float32()),
             ("topk_indices", pa.list_(pa.int64(), c)),
+            *extra,
         ]
     )
 
 
-def scores_table(ids: Sequence[str], sources: Sequence[str], result: Any, names: Sequence[str], c: int):
+def scores_table(
+    ids: Sequence[str], sources: Sequence[str], result: Any, names: Sequence[str], c: int, *, neglabel: bool = False
+):
     """One shard's rows as a pyarrow table (``result`` is a :class:`deltakern.Scores` or None)."""
     import numpy as np
     import pyarrow as pa
 
-    schema = scores_schema(c)
+    schema = scores_schema(c, neglabel=neglabel)
     if result is None:
         return schema.empty_table()
     host = {k: v.cpu().numpy() for k, v in result.as_dict().items()}
@@ -48,6 +53,7 @@ def scores_table(ids: Sequence[str], sources: Sequence[str], result: Any, names:
         pa.array([names[k] for k in pred], pa.string()),
         *(pa.array(host[k].astype(np.float32)) for k in ("delta_energy", "energy", "msp", "max_logit")),
         topk,
+        *([pa.array(host["neglabel"].astype(np.float32))] if neglabel else []),
     ]
     return pa.Table.from_arrays(columns, schema=schema)
 

@@ -16,7 +16,7 @@ from deltakern.core.validation import check_int_range
 from deltakern.data.atomic import write_json
 from deltakern.data.features import open_features, read_feature_shard
 from deltakern.data.rundir import RunDir
-from deltakern.pipeline.classes import class_embeddings, plan_classes
+from deltakern.pipeline.classes import class_embeddings, plan_classes, plan_negatives
 from deltakern.pipeline.encode import MANIFEST_VERSION
 from deltakern.pipeline.engine import (
     ShardEmbeddings,
@@ -87,6 +87,7 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
     shards, source_args, model, pretrained, feature_manifest = _source(s)
     plan = plan_classes(classes=s.classes, imagenet=s.imagenet, templates=s.templates, prompts=s.prompts)
     c = check_int_range("c", s.c, 1, plan.count)
+    negatives = plan_negatives(s, plan)
     check_model(model, pretrained)
     preprocessing = None if feature_manifest is not None else decoding_rules(exif_transpose=s.exif_transpose)
 
@@ -102,6 +103,7 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
             "seed": s.seed,
             **source_args,
             **plan.identity,
+            **(negatives.identity if negatives is not None else {}),
             "c": c,
             "temperature": s.temperature,
             "reset": s.reset,
@@ -122,6 +124,12 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
             check_and_clean(run, rt, args, what, clean)
             clip = load_model(model, pretrained, device=rt.device, seed=s.seed)
             W = class_embeddings(clip, plan, cache_dir=s.cache_dir, seed=s.seed, autocast_dtype=rt.autocast_dtype)
+            mined = (
+                negatives.mine(clip, cache_dir=s.cache_dir, seed=s.seed, autocast_dtype=rt.autocast_dtype)
+                if negatives is not None
+                else None
+            )
+            negative_kwargs = {} if mined is None else {"negatives": mined.embeddings, "negative_groups": s.negative_groups}
             claim(run, rt, args, what)
             pending, skipped = pending_shards(shards, run, rt)
             setup_s = time.perf_counter() - start
@@ -129,7 +137,9 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
             def score_rows(X: torch.Tensor):
                 if X.shape[0] == 0:
                     return None
-                return scoring.score(X, W, temperature=s.temperature, c=c, reset=s.reset, mode=s.mode, backend=chosen_backend)
+                return scoring.score(
+                    X, W, temperature=s.temperature, c=c, reset=s.reset, mode=s.mode, backend=chosen_backend, **negative_kwargs
+                )
 
             if feature_manifest is not None:
                 stream = feature_stream(pending, rt, read_feature_shard, progress)
@@ -143,13 +153,14 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
                 with shard.timer.section("score_s"):
                     result = score_rows(shard.embeddings)
                 with shard.timer.host_section("write_s"):
-                    write_parquet_atomic(scores_table(shard.ids, shard.sources, result, plan.names, c), run.output(shard.index))
+                    table = scores_table(shard.ids, shard.sources, result, plan.names, c, neglabel=mined is not None)
+                    write_parquet_atomic(table, run.output(shard.index))
 
             stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
 
             def finalize(total: dict[str, Any]) -> dict[str, Any]:
                 records = all_records(run, shards)
-                merge_parts([run.output(sh.index) for sh in shards], out_path, scores_schema(c))
+                merge_parts([run.output(sh.index) for sh in shards], out_path, scores_schema(c, neglabel=mined is not None))
                 errors = [e for r in records for e in r["errors"]]
                 images = sum(r["images"] for r in records)
                 if feature_manifest is not None:
@@ -164,6 +175,8 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
                     "model": clip.describe(),
                     "preprocessing": preprocessing if feature_manifest is None else feature_manifest.get("preprocessing"),
                     "classes": {"count": plan.count, "names": plan.names},
+                    **({} if mined is None else {"negative_labels": {"count": len(mined.names), "names": mined.names,
+                                                                      "groups": s.negative_groups}}),
                     "rows": sum(r["rows"] for r in records),
                     "images": images,
                     "parts": [{"index": r["index"], "file": f"{parts_dir.name}/{r['file']}", "rows": r["rows"]} for r in records],

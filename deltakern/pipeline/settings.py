@@ -106,10 +106,16 @@ class ScoreSettings(RunOptions):
     mode: str = "separate"
     backend: str = "auto"
     cache_dir: str | None = None
+    # NegLabel: a vocabulary file to mine n_negative negative labels from, split into
+    # negative_groups groups (docs/conventions.md §2.5); adds the parquet's neglabel column
+    negative_labels: str | None = None
+    n_negative: int = 10_000
+    negative_groups: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("out", "model", "pretrained", "images", "features", "classes", "templates", "prompts", "cache_dir"):
+        for name in ("out", "model", "pretrained", "images", "features", "classes", "templates", "prompts", "cache_dir",
+                     "negative_labels"):
             self._set(name, _optional_str(name, getattr(self, name)))
         if self.out is None:
             raise InvalidArgument("out is required (a path ending in .parquet)", param="out")
@@ -131,3 +137,5 @@ class ScoreSettings(RunOptions):
         self._set("reset", check_finite_number("reset", self.reset))
         check_choice("mode", self.mode, MODES)
         check_choice("backend", self.backend, BACKENDS)
+        check_int_range("n_negative", self.n_negative, 1, 1 << 30)
+        check_int_range("negative_groups", self.negative_groups, 1, self.n_negative)

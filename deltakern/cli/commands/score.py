@@ -59,6 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="directory caching zero-shot class embeddings (default: $DELTAKERN_CACHE/classifiers, "
         "else $XDG_CACHE_HOME or ~/.cache, then deltakern/classifiers)",
     )
+    neg = p.add_argument_group(
+        "NegLabel (negative labels mined from a vocabulary, scored in the same run; docs/conventions.md §2.5)"
+    )
+    neg.add_argument(
+        "--negative-labels",
+        metavar="VOCAB",
+        help="text file with one candidate word or phrase per line; adds a neglabel column (the log of the ID "
+        "share of the softmax mass over ID plus negative labels, higher = ID)",
+    )
+    neg.add_argument("--n-negative", type=int, default=10_000, help="negative labels to mine (default 10000)")
+    neg.add_argument(
+        "--negative-groups", type=int, default=1, help="groups the negatives are split into, NegLabel's grouping (default 1)"
+    )
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -89,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         seed=args.seed,
         cache_dir=args.cache_dir,
+        negative_labels=args.negative_labels,
+        n_negative=args.n_negative,
+        negative_groups=args.negative_groups,
         dist_backend=args.dist_backend,
         exif_transpose=args.exif_transpose,
     )
