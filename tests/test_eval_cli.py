@@ -288,3 +288,25 @@ def test_delta_energy_by_c_matches_separate_passes(data):
         for c in range(1, 5):
             own = dk.score(X, W, c=c, mode=mode, temperature=TAU, backend="reference").delta_energy
             torch.testing.assert_close(by_c[:, c - 1], own, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_neglabel_row_from_the_same_calls(tmp_path, files, data, capsys):
+    """`--negatives` adds a NegLabel row whose metrics are those of the float64 definition."""
+    from test_neglabel_scores import neglabel64
+
+    g = torch.Generator().manual_seed(11)
+    negatives = torch.randn(30, data["W"].shape[1], generator=g)
+    path = tmp_path / "negatives.npy"
+    np.save(path, negatives.numpy())
+    out = tmp_path / "report"
+    assert run_eval(files, out, "--negatives", str(path), "--negative-groups", "3", "--chunk-rows", "41", "--no-plots") == 0
+    assert "NegLabel" in capsys.readouterr().out
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["settings"]["negative_groups"] == 3 and doc["inputs"]["negatives"]["shape"] == [30, data["W"].shape[1]]
+    rows = {r["ood_set"]: r for r in doc["results"] if r["score"] == "neglabel"}
+    assert set(rows) == {"near", "far"}
+    want_id = neglabel64(data["X_id"], data["W"], negatives, temperature=TAU, groups=3)
+    for name in ("near", "far"):
+        want = dk.metrics.ood_metrics(want_id, neglabel64(data[name], data["W"], negatives, temperature=TAU, groups=3))
+        assert rows[name]["auroc"] == pytest.approx(want["auroc"], abs=2e-3)
+        assert rows[name]["threshold"] == pytest.approx(want["threshold"], rel=1e-4, abs=1e-4)

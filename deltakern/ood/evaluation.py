@@ -35,7 +35,7 @@ SCORE_LABELS = {
     "max_logit": "Max-logit",
 }
 # Optional baselines that need inputs beyond X and W (labels for the table only).
-EXTRA_LABELS = {"knn": "KNN (k-th NN)"}
+EXTRA_LABELS = {"knn": "KNN (k-th NN)", "neglabel": "NegLabel"}
 
 
 def score_label(score: str) -> str:
@@ -95,6 +95,8 @@ def columns_from_scores(separate, joint, mcm_scores: torch.Tensor) -> dict[str, 
         for j in range(by_c.shape[1]):
             cols[sweep_name(base, j + 1)] = by_c[:, j]
     cols["pred"] = separate.pred
+    if separate.neglabel is not None:
+        cols["neglabel"] = separate.neglabel
     return cols
 
 
@@ -110,8 +112,13 @@ def score_columns(
     chunk_rows: int = 65_536,
     desc: str | None = None,
     progress: bool = True,
+    negatives: torch.Tensor | None = None,
+    negative_groups: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Score ``X [N, D]`` against ``W [K, D]`` and return every score column (see module doc).
+
+    With ``negatives [M, D]`` (negative-label embeddings) the ``"neglabel"`` column comes from the
+    same calls (docs/conventions.md §2.5).
 
     Rows are processed in chunks of ``chunk_rows`` with a progress bar; results are float32 on
     the CPU (``"pred"`` int64). ``X`` stays where it is; each chunk is moved to ``W``'s device.
@@ -128,7 +135,10 @@ def score_columns(
     starts = range(0, max(X.shape[0] if X.dim() else 0, 1), chunk_rows)
     for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) < 2):
         block = (X[start : start + chunk_rows] if X.dim() else X).to(W.device)
-        modes = score_modes(block, W, temperature=temperature, c=c, reset=reset, backend=backend)
+        modes = score_modes(
+            block, W, temperature=temperature, c=c, reset=reset, backend=backend, negatives=negatives,
+            negative_groups=negative_groups,
+        )
         mcm_block = mcm(block, W, temperature=mcm_temperature, backend=backend)
         for name, value in columns_from_scores(modes["separate"], modes["joint"], mcm_block).items():
             parts.setdefault(name, []).append(value.cpu())

@@ -71,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--knn-bank", metavar="PATH",
                     help="ID training embeddings [M, D]: adds the kNN baseline score (Sun et al. 2022; faiss when installed)")
     sc.add_argument("--knn-k", type=int, default=50, help="the k of the kNN score (default 50)")
+    sc.add_argument("--negatives", metavar="PATH",
+                    help="negative-label embeddings [M, D] (e.g. mined by deltakern.clip.negatives.mine_negative_labels): "
+                    "adds NegLabel, computed in the same calls as ΔEnergy (docs/conventions.md §2.5)")
+    sc.add_argument("--negative-groups", type=int, default=1, help="NegLabel's negative groups (default 1)")
     sc.add_argument("--chunk-rows", type=int, default=65_536, help="rows scored per call (default 65536)")
     me = p.add_argument_group("metrics and output")
     me.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR column (default 0.95)")
@@ -165,13 +169,22 @@ def run(args: argparse.Namespace) -> int:
         f"reset={args.reset}, MCM T={args.mcm_temperature}, device={device}, backend={backend}"
     )
     columns = {}
+    extra_scores = []
+    negatives = None
+    if args.negatives:
+        from deltakern.data.arrays import file_sha256, load_embeddings, split_key
+
+        negatives = load_embeddings(args.negatives, name="--negatives", dim=W.shape[1]).to(device)
+        path = split_key(args.negatives)[0]
+        inputs["negatives"] = _info(negatives, path=str(path), sha256=file_sha256(path))
+        extra_scores.append("neglabel")
     for name, X in sets.items():
         columns[name] = score_columns(
             X, W, temperature=args.temperature, c=args.c, reset=args.reset, backend=backend,
             mcm_temperature=args.mcm_temperature, chunk_rows=args.chunk_rows,
             desc=f"scoring {name} ({X.shape[0]:,} rows)", progress=not args.quiet,
+            negatives=negatives, negative_groups=args.negative_groups,
         )
-    extra_scores = []
     if args.knn_bank:
         from deltakern.data.arrays import file_sha256, load_embeddings, split_key
         from deltakern.ood.knn import knn_score
@@ -202,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
                 "mcm_temperature": args.mcm_temperature, "backend": backend, "device": str(device),
                 "tpr": args.tpr, "positive": args.positive,
                 "knn_k": args.knn_k if args.knn_bank else None,
+                "negative_groups": args.negative_groups if args.negatives else None,
             },
             "inputs": inputs,
         }
