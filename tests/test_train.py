@@ -372,3 +372,17 @@ def test_benchmark_steps_times_real_optimizer_steps(monkeypatch):
         times = report["step_times"]
         assert len(times) == 3 and report["steps_per_second"] == pytest.approx(1.0 / sorted(times)[1])
 
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused(image_folder, tmp_path):
+    """Two trainings writing one checkpoint would interleave their epochs: the second is refused
+    before it loads anything, and the lock dies with its holder."""
+    from deltakern.data.rundir import RunLocked, output_lock
+
+    out = tmp_path / "prompts.pt"
+    with output_lock(tmp_path / ".prompts.pt.lock", "a training run held by this test"):
+        with pytest.raises(RunLocked, match="is already running"):
+            _train(_config(image_folder, out=str(out), epochs=1))
+    assert not out.exists()
+    _train(_config(image_folder, out=str(out), epochs=1))  # released: the same run now goes ahead
+    assert out.is_file()

@@ -22,6 +22,42 @@ class RunLocked(InvalidArgument):
     """Another process holds the run directory's lock (it is writing the same output)."""
 
 
+@contextlib.contextmanager
+def output_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` for the block, or raise :class:`RunLocked` at once.
+
+    ``flock``: the operating system releases it when the holder exits, however it exits, so a
+    killed run never leaves its output locked. Creating the lock file's directory and the file is
+    also the check that the output can be written at all
+    (:class:`~deltakern.data.atomic.WriteFailed` otherwise).
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked
+        yield
+        return
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise WriteFailed(lock_path, exc) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            raise RunLocked(
+                f"{what} is already running (process {holder or 'unknown'} holds {lock_path}); two runs "
+                "must not write one output. Wait for it to finish, or choose another --out.",
+                param="out",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -49,41 +85,10 @@ class RunDir:
     def write_record(self, index: int, record: dict[str, Any]) -> None:
         write_json(self.record_path(index), record)
 
-    @contextlib.contextmanager
-    def lock(self, what: str) -> Iterator[None]:
-        """Hold the directory's lock for the block, or raise :class:`RunLocked` at once.
-
-        ``flock`` on ``.deltakern.lock``: the operating system releases it when the holder exits,
-        however it exits, so a killed run never leaves the output locked. Creating the directory
-        and the lock file is also the check that the output can be written at all
-        (:class:`~deltakern.data.atomic.WriteFailed` otherwise).
-        """
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: run unlocked
-            yield
-            return
-        lock_path = self.path / LOCK_FILE
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise WriteFailed(lock_path, exc) from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-                raise RunLocked(
-                    f"{what} is already running (process {holder or 'unknown'} holds {lock_path}); two runs "
-                    "must not write one output. Wait for it to finish, or choose another --out.",
-                    param="out",
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
+    def lock(self, what: str) -> contextlib.AbstractContextManager:
+        """Hold the directory's lock (``.deltakern.lock``) for the block, or raise
+        :class:`RunLocked` at once (:func:`output_lock`)."""
+        return output_lock(self.path / LOCK_FILE, what)
 
     def check(self, args: dict[str, Any], what: str) -> str | None:
         """The refusal message when ``run.json`` records other arguments than ``args``, else None."""

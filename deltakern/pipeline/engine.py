@@ -47,9 +47,9 @@ from typing import Any
 
 import torch
 
-from deltakern.core.errors import DeltakernError, InvalidArgument
+from deltakern.core.errors import InvalidArgument
 from deltakern.data.rundir import RunDir
-from deltakern.runtime import Runtime, SectionTimer, sum_timings
+from deltakern.runtime import Runtime, SectionTimer, on_rank0, sum_timings
 
 
 @dataclass
@@ -217,23 +217,10 @@ def finish(rt: Runtime, stats: dict[str, Any], finalize: Callable[[dict[str, Any
     return total
 
 
-@contextlib.contextmanager
-def exclusive(run: RunDir, rt: Runtime, what: str) -> Iterator[None]:
+def exclusive(run: RunDir, rt: Runtime, what: str) -> contextlib.AbstractContextManager:
     """Rank 0 holds the run directory's lock for the block (:meth:`RunDir.lock`); when it cannot,
     every rank raises the same clear error instead of writing beside the other run."""
-    with contextlib.ExitStack() as stack:
-        refusal: DeltakernError | None = None
-        if rt.rank == 0:
-            try:
-                stack.enter_context(run.lock(what))
-            except DeltakernError as exc:
-                refusal = exc
-        message = rt.broadcast(None if refusal is None else str(refusal))
-        if refusal is not None:
-            raise refusal
-        if message is not None:
-            raise InvalidArgument(message, param="out")
-        yield
+    return on_rank0(rt, lambda: run.lock(what))
 
 
 def check_and_clean(run: RunDir, rt: Runtime, args: dict[str, Any], what: str, clean: Callable[[], Any]) -> None:

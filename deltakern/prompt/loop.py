@@ -11,6 +11,7 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +20,13 @@ from torch import nn
 from deltakern._version import __version__
 from deltakern.core.errors import InvalidArgument
 from deltakern.core.validation import check_int_range
+from deltakern.data.rundir import output_lock
 from deltakern.loss import EBMLoss
 from deltakern.prompt.checkpoint import export_class_embeddings, load_checkpoint, save_checkpoint
 from deltakern.prompt.config import RUN_ONLY_SETTINGS, TrainConfig, TrainResult
 from deltakern.prompt.fewshot import _ImageSamples, augment_transform, encode_images, few_shot_samples
 from deltakern.prompt.learner import PromptLearner
-from deltakern.runtime import Runtime, make_runtime
+from deltakern.runtime import Runtime, make_runtime, on_rank0
 from deltakern.scoring import score
 
 
@@ -221,7 +223,14 @@ def train(
         _check_resume(config, checkpoint)
     rt = make_runtime(config.device or "auto", config.precision)
     completed = False
+    held = contextlib.ExitStack()
     try:
+        if config.out is not None:
+            # One run per checkpoint: a second `deltakern train` on the same --out is refused
+            # (rank 0 holds the lock; a killed run's lock is released by the OS).
+            out = Path(config.out)
+            lock = out.parent / f".{out.name}.lock"
+            held.enter_context(on_rank0(rt, lambda: output_lock(lock, f"the training run writing {out}")))
         if rt.precision == "fp16" and rt.device.type != "cuda":
             raise InvalidArgument(f"precision 'fp16' needs a CUDA device, got device {rt.device}; use 'bf16' or 'fp32'")
         device = rt.device
@@ -307,4 +316,5 @@ def train(
         completed = True
         return result
     finally:
+        held.close()
         rt.close(barrier=completed)  # after a failure the other ranks may never reach a barrier

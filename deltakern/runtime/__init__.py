@@ -8,12 +8,13 @@ from deltakern.runtime.devices import (
     cpu_has_native_bf16,
     dist_timeout,
     make_runtime,
+    on_rank0,
     resolve_device,
     resolve_precision,
 )
 from deltakern.runtime.timing import TIMING_KEYS, SectionTimer, sum_timings
 
 __all__ = [
-    "TIMING_KEYS", "Runtime", "SectionTimer", "autocast", "autocast_dtype", "cpu_has_native_bf16", "dist_timeout", "make_runtime",
+    "TIMING_KEYS", "Runtime", "SectionTimer", "autocast", "autocast_dtype", "cpu_has_native_bf16", "dist_timeout", "make_runtime", "on_rank0",
     "resolve_device", "resolve_precision", "sum_timings",
 ]

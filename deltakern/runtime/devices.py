@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from deltakern.core.constants import DEFAULT_DIST_TIMEOUT_S, DIST_TIMEOUT_ENV, PRECISIONS
-from deltakern.core.errors import InvalidArgument
+from deltakern.core.errors import DeltakernError, InvalidArgument
 from deltakern.core.validation import check_choice
 
 
@@ -144,6 +145,26 @@ class Runtime:
                 dist.barrier()
             dist.destroy_process_group()
             self.owns_process_group = False
+
+
+@contextlib.contextmanager
+def on_rank0(rt: Runtime, make_context: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """Enter ``make_context()`` on rank 0 only (an output lock, say) for the block. When it
+    raises a deltakern error, every rank raises it, instead of rank 0 failing alone while the
+    others wait for it in a collective."""
+    with contextlib.ExitStack() as stack:
+        refusal: DeltakernError | None = None
+        if rt.rank == 0:
+            try:
+                stack.enter_context(make_context())
+            except DeltakernError as exc:
+                refusal = exc
+        message = rt.broadcast(None if refusal is None else str(refusal))
+        if refusal is not None:
+            raise refusal
+        if message is not None:
+            raise InvalidArgument(message, param="out")
+        yield
 
 
 def make_runtime(device: str = "auto", precision: str = "auto", dist_backend: str | None = None) -> Runtime:
