@@ -14,7 +14,8 @@ specialization a real launch gets (deltakern.ops.triton.compiled), these tests a
 A compile takes 1–10 s on a 2-core machine, so the default run compiles a representative
 subset (each target with every dtype and every c at least once: 6 fused kernels and their 6
 controls); ``-m slow`` compiles the full matrix (2 targets × 3 dtypes × c ∈ {1, 3, 16}) and
-the odd-D launch. Every test prints the fused kernel's numbers beside the control's.
+the odd-D launch and the autotuning candidates. Every test prints the fused kernel's numbers
+beside the control's. (CI's plain ``pytest -q`` runs both.)
 """
 
 from __future__ import annotations
@@ -96,6 +97,26 @@ def test_odd_embedding_width_still_compiles_without_spills(compiled, capsys, tar
     assert problems == []
 
 
+def _autotune_cases():
+    from deltakern.ops.triton import fused_score
+
+    return [(dtype, tile) for dtype in ("bfloat16", "float32")
+            for tile in fused_score.autotune_tiles(dtype == "float32")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tile", _autotune_cases(), ids=lambda v: str(v) if isinstance(v, str) else
+                         f"{v.block_m}x{v.block_n}x{v.block_k}w{v.num_warps}s{v.num_stages}")
+def test_autotune_candidates_do_not_spill(compiled, capsys, dtype, tile):
+    """DELTAKERN_AUTOTUNE=1 times only candidates that compile without spills for the dtype's
+    products (sm_90, c = 16: the most epilogue state)."""
+    fused = compiled.fused_report(90, DTYPES[dtype], 16, config=tile)
+    with capsys.disabled():
+        print(f"\nautotune {dtype} {fused.tiles}: {fused.registers} registers, {fused.spill_stores} B spilled, "
+              f"{fused.shared_bytes // 1024} KB, {fused.operand_buffers} operand buffers")
+    assert compiled.problems_of(fused) == []
+
+
 def test_launch_specialization_matches_triton(compiled):
     """The check compiles what a launch compiles: pointers and multiples of 16 carry the
     divisibility attribute, a unit stride becomes the constant 1, other integers stay plain."""
@@ -123,3 +144,16 @@ def test_tile_configs_match_select_config():
             for cap in ((9, 0), (8, 0), (8, 6)):
                 cfg = fused_score.tile_config(cap, dt, c)
                 assert cfg.num_stages >= 2 and cfg.block_k in (32, 64)
+
+
+def test_autotune_prunes_the_float32_candidates_that_spill():
+    from deltakern.ops.triton import fused_score
+
+    configs = fused_score._autotune_configs()
+    bf16, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    kept = fused_score._prune_configs(configs, {"x_ptr": bf16, "w_ptr": bf16}, UPCAST=False, C=16)
+    assert len(kept) == len(configs) == len(fused_score.AUTOTUNE_TILES)
+    for args, upcast in (((f32, f32), False), ((bf16, f32), True)):
+        kept = fused_score._prune_configs(configs, {"x_ptr": args[0], "w_ptr": args[1]}, UPCAST=upcast, C=16)
+        assert 1 <= len(kept) < len(configs)
+        assert all(cfg.kwargs["BLOCK_K"] == 32 and cfg.num_warps == 8 for cfg in kept)
