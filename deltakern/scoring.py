@@ -21,7 +21,7 @@ from deltakern.core.validation import (
     check_int_range,
     check_matrix,
     check_pair,
-    check_positive,
+    check_temperature,
     check_values,
 )
 from deltakern.ops import extension, registry
@@ -99,9 +99,10 @@ def _within_safe_range(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or a copy whose rows with a largest |value| outside
     ``2**±SAFE_ROW_EXPONENT`` are multiplied by a power of two (exact; no cosine changes).
 
-    Every backend normalises with a plain sum of squares, which underflows for tiny rows
-    (float32 rows of 1e-23 would look like zero rows, rows of 1e-21 lose digits) and overflows
-    for huge ones; after this step each backend sees rows it normalises within the contract.
+    The Triton kernel normalises with a plain float32 sum of squares, which underflows for tiny
+    rows (rows of 1e-23 would look like zero rows, rows of 1e-21 lose digits) and overflows for
+    huge ones; after this step it sees rows it normalises within the contract. The C++ op and the
+    reference scale rows robustly themselves, so they are spared this extra pass over X.
     """
     exponents = unit_row_exponents(t)
     outside = exponents.abs() > SAFE_ROW_EXPONENT
@@ -146,8 +147,6 @@ def _negative_state(X, negatives, groups, *, temperature, normalize):
         return None
     order = negative_group_order(negatives.shape[0], groups).to(negatives.device)
     grouped = negatives.index_select(0, order)  # a new tensor: the caller's rows stay as given
-    if normalize:
-        grouped = _within_safe_range(grouped)
     # Every backend computes the negative groups with the row-chunked reference pass for now;
     # the fused kernels reduce the ID classes. Memory stays O(chunk·M).
     return negative_lse(X, grouped, temperature=temperature, groups=groups, normalize=normalize)
@@ -158,7 +157,7 @@ def _score_modes(
 ) -> dict[str, Scores]:
     normalize = check_bool("normalize", normalize)
     X, W = check_inputs(X, W, normalize=normalize, rescales_rows=True)
-    temperature = check_positive("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     c = check_int_range("c", c, 1, W.shape[0])
     reset = check_finite_number("reset", reset)
     if isinstance(modes, str) or not modes:
@@ -177,7 +176,7 @@ def _score_modes(
         if backend == "triton":
             warnings.warn("float64 inputs are scored by the reference backend (the Triton kernel is float32 at most)", stacklevel=3)
         chosen = "reference"
-    if normalize:
+    if normalize and chosen == "triton":
         X, W = _within_safe_range(X), _within_safe_range(W)
     top_v, top_i, outside = _state(
         X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32

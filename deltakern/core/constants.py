@@ -32,3 +32,10 @@ def score_tolerance(dtype: torch.dtype | str) -> float:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return SCORE_TOLERANCE[dtype]
+
+# The largest 1/τ any path accepts: logits are at most 1/τ in magnitude (cosines times 1/τ), and
+# with half of float32's range as the bound they, their base-2 form in the Triton kernel
+# (times log2(e) < 2) and their log-sum-exps stay finite. A smaller τ (below ~5.9e-39) would
+# make every logit inf and every score or loss NaN, on every device.
+MAX_INV_TEMPERATURE = float(torch.finfo(torch.float32).max) / 2
+MIN_TEMPERATURE = 1.0 / MAX_INV_TEMPERATURE

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from deltakern.core.errors import InvalidArgument
+from deltakern.core.constants import MAX_INV_TEMPERATURE, MIN_TEMPERATURE  # noqa: F401 - re-exported
 from deltakern.core.validation import (
     check_bool,
     check_choice,
@@ -15,33 +15,12 @@ from deltakern.core.validation import (
     check_inputs,
     check_labels,
     check_open_unit,
-    check_positive,
+    check_temperature,
 )
 
 TARGETS = ("pred", "label")
 CE_ON = ("original", "edited")
 REDUCTIONS = ("mean", "sum", "none")
-# The largest 1/τ any path accepts: logits are at most 1/τ in magnitude (cosines times 1/τ), and
-# with half of float32's range as the bound they, their base-2 form in the Triton kernel
-# (times log2(e) < 2) and their log-sum-exps stay finite. A smaller τ (below ~5.9e-39) would
-# make every logit inf and every score or loss NaN, on every device.
-MAX_INV_TEMPERATURE = float(torch.finfo(torch.float32).max) / 2
-MIN_TEMPERATURE = 1.0 / MAX_INV_TEMPERATURE
-
-
-def check_temperature(name: str, value: object) -> float:
-    """``value`` as a float when it is a finite temperature > 0 whose reciprocal leaves float32
-    logits finite (τ ≥ :data:`MIN_TEMPERATURE`); otherwise :class:`InvalidArgument` naming ``name``
-    (:class:`~deltakern.core.errors.InvalidArgumentType` for a non-number). For the loss and the
-    scores alike."""
-    value = check_positive(name, value)
-    if value < MIN_TEMPERATURE:
-        raise InvalidArgument(
-            f"{name} must be at least {MIN_TEMPERATURE:.3g}: 1/{name} = {1.0 / value:.3g} overflows "
-            f"float32 logits, got {value!r}",
-            param=name,
-        )
-    return value
 
 
 def masked_count(mask_ratio: float, dim: int) -> int:

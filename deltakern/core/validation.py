@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from deltakern.core.constants import MIN_TEMPERATURE
 from deltakern.core.dtypes import row_max_abs
 from deltakern.core.errors import InvalidArgument, InvalidArgumentType
 
@@ -195,3 +196,18 @@ def check_classnames(classnames: object, name: str = "classnames") -> list[str]:
         if not isinstance(entry, str) or not entry.strip():
             raise InvalidArgument(f"{name}[{i}] must be a non-empty string, got {entry!r}")
     return names
+
+
+def check_temperature(name: str, value: object) -> float:
+    """``value`` as a float when it is a finite temperature > 0 whose reciprocal leaves float32
+    logits finite (τ ≥ :data:`MIN_TEMPERATURE`); otherwise :class:`InvalidArgument` naming ``name``
+    (:class:`~deltakern.core.errors.InvalidArgumentType` for a non-number). For the loss and the
+    scores alike."""
+    value = check_positive(name, value)
+    if value < MIN_TEMPERATURE:
+        raise InvalidArgument(
+            f"{name} must be at least {MIN_TEMPERATURE:.3g}: 1/{name} = {1.0 / value:.3g} overflows "
+            f"float32 logits, got {value!r}",
+            param=name,
+        )
+    return value

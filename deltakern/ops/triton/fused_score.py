@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from deltakern.core.constants import MAX_INV_TEMPERATURE
 from deltakern.core.constants import TRITON_MAX_C as MAX_C
-from deltakern.core.ebm import MAX_INV_TEMPERATURE
 from deltakern.core.errors import InvalidArgument, InvalidArgumentType
 
 OP_NAME = "deltakern::fused_score_state_triton"
