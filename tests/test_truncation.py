@@ -169,3 +169,48 @@ def test_truncate_must_be_a_bool():
 
     with pytest.raises(InvalidArgumentType, match="truncate"):
         zeroshot.build_class_embeddings(_clip(13), TOKENIZER, CLASSNAMES, TEMPLATES, truncate=1)
+
+
+# ----------------------------------------------------------------------------- the prompt learner
+# Its learned context makes prompts longer than the zero-shot ones; L follows the real lengths.
+
+LEARNER_EXACT = ["deltakern-tiny (open_clip.CLIP)", "CLIP, eos pooling", "CustomTextCLIP + TextTransformer, argmax"]
+
+
+def _learner_run(learner) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    seen = []
+    tower = learner.model.text if hasattr(learner.model, "text") else learner.model
+    hook = tower.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        out = learner()
+        (out.float() ** 2).sum().backward()
+    finally:
+        hook.remove()
+    return out.detach(), learner.ctx.grad.clone(), seen
+
+
+@pytest.mark.parametrize("name", LEARNER_EXACT)
+@pytest.mark.parametrize("init,n_ctx,position", [("a photo of a", None, "end"), (None, 16, "middle")])
+def test_prompt_learner_truncates_exactly(name, init, n_ctx, position):
+    from deltakern.prompt.learner import PromptLearner
+
+    model = EXACT[name]()
+    full = PromptLearner(model, CLASSNAMES, n_ctx=n_ctx, init=init, class_token_position=position, truncate=False)
+    cut = PromptLearner(model, CLASSNAMES, n_ctx=n_ctx, init=init, class_token_position=position)
+    assert torch.equal(full.ctx, cut.ctx)
+    out_full, grad_full, seen_full = _learner_run(full)
+    out_cut, grad_cut, seen_cut = _learner_run(cut)
+    _assert_close(out_cut, out_full)
+    _assert_close(grad_cut, grad_full)
+    longest = int((cut.tokens == EOT).int().argmax(dim=1).max()) + 1
+    assert seen_full == [77] and seen_cut == [longest] and longest < 77
+
+
+def test_prompt_learner_keeps_the_full_context_where_truncation_is_not_exact():
+    from deltakern.prompt.learner import PromptLearner
+
+    model = NOT_EXACT["no causal mask, argmax pooling"]()
+    learner = PromptLearner(model, CLASSNAMES)
+    assert learner._truncating is None
+    *_, seen = _learner_run(learner)
+    assert seen == [77]

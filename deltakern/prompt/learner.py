@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from deltakern.clip.zeroshot import truncating_text_encoder
 from deltakern.core.errors import InvalidArgument, InvalidArgumentType
 from deltakern.core.validation import check_bool, check_choice, check_classnames, check_int_range
 
@@ -90,6 +91,12 @@ class PromptLearner(nn.Module):
     With ``freeze=True`` (default) every parameter of ``model`` stops requiring gradients and the
     model is kept in eval mode (also by :meth:`train`), so that only ``ctx`` is trained and
     BatchNorm statistics never move. The model is a submodule: ``learner.to(device)`` moves it.
+
+    ``truncate=True`` (default): where it is exact (a causal tower read at the end-of-text token,
+    :func:`deltakern.clip.zeroshot.truncating_text_encoder`), the text transformer runs on the
+    prompts' first L tokens only, L = the longest prompt's end-of-text position + 1 (the learned
+    context makes prompts longer, and L follows them), instead of the whole context; the class
+    embeddings and their gradients are the same up to floating-point summation order.
     """
 
     def __init__(
@@ -103,11 +110,13 @@ class PromptLearner(nn.Module):
         tokenizer: Callable | None = None,
         freeze: bool = True,
         seed: int = 0,
+        truncate: bool = True,
     ) -> None:
         super().__init__()
         names = check_classnames(classnames)
         check_choice("class_token_position", class_token_position, CLASS_TOKEN_POSITIONS)
         check_bool("freeze", freeze)
+        check_bool("truncate", truncate)
         if init is not None and (not isinstance(init, str) or not init.strip()):
             raise InvalidArgument(f"init must be None or a non-empty string of context words, got {init!r}")
         kind, embedding = _text_tower(model)
@@ -153,6 +162,8 @@ class PromptLearner(nn.Module):
         self.init = init
         self.class_token_position = class_token_position
         self._tower_kind = kind
+        # Not a submodule: it holds the model's own text tower, which .to() moves with the model.
+        self._truncating = truncating_text_encoder(model) if truncate else None
         self.ctx = nn.Parameter(ctx)
         # Token ids drive the tower's pooling (end-token position) and padding masks; the slot
         # positions [K, n_ctx] say where the context vectors replace the placeholder embeddings.
@@ -183,7 +194,9 @@ class PromptLearner(nn.Module):
 
         handle = self._token_embedding().register_forward_hook(put_context)
         try:
-            if self._tower_kind == "clip":
+            if self._truncating is not None:
+                features = self._truncating.encode_text(self.tokens)
+            elif self._tower_kind == "clip":
                 features = self.model.encode_text(self.tokens)
             else:
                 features = self.model.text(self.tokens)
