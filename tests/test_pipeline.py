@@ -218,6 +218,28 @@ def test_torchrun_two_ranks_gives_the_same_rows(work, baseline):
     assert sorted(p["index"] for p in manifest["parts"]) == list(range(7))
 
 
+def test_torchrun_two_ranks_encode_the_same_features(work):
+    """encode under torchrun: each rank writes its shards, rank 0 the manifest; the features
+    equal a single process's and a rerun with the other world size resumes nothing."""
+    single_dir, multi_dir = work.root / "enc-single", work.root / "enc-multi"
+    encode = ["encode", *common(work), "--images", str(work.images), "--dtype", "float32"]
+    assert run_cli([*encode, "--out", str(single_dir)]) == 0
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "deltakern.cli", *encode, "--out", str(multi_dir),
+    ]  # fmt: skip
+    proc = run_subprocess(argv, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((multi_dir / "manifest.json").read_text())
+    assert manifest["last_run"]["world_size"] == 2 and manifest["count"] == 50
+    X1, ids1 = feature_matrix(single_dir)
+    X2, ids2 = feature_matrix(multi_dir)
+    assert ids1 == ids2
+    assert_close_contract(X2, X1, torch.float32, "features")
+    assert run_cli([*encode, "--out", str(multi_dir)]) == 0  # finished: one process redoes nothing
+    assert json.loads((multi_dir / "manifest.json").read_text())["last_run"]["shards_done_now"] == 0
+
+
 def test_webdataset_shards_give_the_same_rows_as_the_folder(work, baseline):
     all_ids = sorted([*work.ids, CORRUPT_ID])
     pattern = make_tar_shards(work.images, work.root / "tars", all_ids, per_tar=SHARD)
