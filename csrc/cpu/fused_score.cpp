@@ -4,9 +4,10 @@
 // each row's norm is computed once, robustly, and the per-row factor inv_temp/|x| (times
 // 1/|w_k| per column when W cannot be pre-normalised) is applied to each logit in the epilogue,
 // which then reduces the row to its top-c list and outside log-sum-exp. W (small) is prepared
-// once. Rows are processed in chunks sized so that the chunk's logits (chunk x K floats, ~8 MB)
-// and, when x must be converted, its converted rows stay in the last-level cache.
-// Extra memory is O(chunk*(K + D) + K*D), never O(N*K).
+// once. Each thread takes a contiguous range of row chunks and runs norms, a single-threaded
+// GEMM and the epilogue on them with its own buffers, sized so that a chunk's logits (chunk x K
+// floats, ~1 MB) and converted rows stay in cache. Extra memory is O(threads*chunk*(K + D) +
+// K*D), never O(N*K).
 //
 // GEMM per input dtype:
 //   float32: at::mm (MKL sgemm) on x as given and the unit-norm float32 W.
@@ -35,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -57,7 +59,7 @@ namespace deltakern {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunkElements = int64_t{1} << 21;  // logits (or converted x) per chunk buffer
+constexpr int64_t kChunkElements = int64_t{1} << 18;  // logits (or converted x) per chunk (1 MB)
 constexpr int64_t kMinChunkRows = 256;  // keeps the matmul efficient for huge K (20 MB at K = 20000)
 // Norms for which the GEMM on rows as given is exact to the contract: products that underflow
 // are then below 2^-60 of the dot product's scale, and nothing can overflow.
@@ -161,15 +163,52 @@ void row_norms(const at::Tensor& rows, int64_t count, double* out) {
   }
 }
 
-// Raises for the first row whose norm cannot normalise it (non-finite or zero).
-void check_norms(const char* name, const double* norms, int64_t count, int64_t offset) {
+// The first row whose norm cannot normalise it (non-finite or zero) as (index, message), or
+// (-1, "") when every row is fine.
+std::pair<int64_t, std::string> bad_norm(const char* name, const double* norms, int64_t count,
+                                         int64_t offset) {
   for (int64_t r = 0; r < count; ++r) {
-    TORCH_CHECK(std::isfinite(norms[r]), "fused_score_state: row ", offset + r, " of ", name,
-                " has a non-finite L2 norm (a NaN or ±inf entry, or a norm beyond float64's range)");
-    TORCH_CHECK(norms[r] > 0.0, "fused_score_state: row ", offset + r, " of ", name,
-                " is zero; normalize=True needs rows with a non-zero norm");
+    if (!std::isfinite(norms[r])) {
+      return {offset + r, c10::str("fused_score_state: row ", offset + r, " of ", name,
+                                   " has a non-finite L2 norm (a NaN or ±inf entry, or a norm beyond "
+                                   "float64's range)")};
+    }
+    if (norms[r] == 0.0) {
+      return {offset + r, c10::str("fused_score_state: row ", offset + r, " of ", name,
+                                   " is zero; normalize=True needs rows with a non-zero norm")};
+    }
   }
+  return {-1, ""};
 }
+
+void check_norms(const char* name, const double* norms, int64_t count, int64_t offset) {
+  const auto [row, message] = bad_norm(name, norms, count, offset);
+  TORCH_CHECK(row < 0, message);
+}
+
+// The error of the lowest row found by any thread, raised after the parallel region so that a
+// call reports the same row however its chunks were scheduled.
+class FirstError {
+ public:
+  void record(int64_t row, std::string message) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (row_ < 0 || row < row_) {
+      row_ = row;
+      message_ = std::move(message);
+    }
+  }
+  // False once a row below `row` has failed (later chunks then stop early).
+  bool clear_below(int64_t row) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return row_ < 0 || row_ > row;
+  }
+  void raise() const { TORCH_CHECK(row_ < 0, message_); }
+
+ private:
+  std::mutex mutex_;
+  int64_t row_ = -1;
+  std::string message_;
+};
 
 // rows[r, :] *= 2^e for the listed (r, e): exact with ldexp, also where 2^e itself is past the
 // dtype's range (a subnormal row scaled up). `rows` is one of this op's own buffers.
@@ -275,13 +314,15 @@ int64_t reduce_chunk(at::Tensor& logits, int64_t rows, int64_t start, int64_t c,
 
 // ---------------------------------------------------------------- the op
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::Tensor& x,
-                                                                     const at::Tensor& w,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::Tensor& x_in,
+                                                                     const at::Tensor& w_in,
                                                                      double inv_temp, int64_t c,
                                                                      bool normalize) {
-  check_arguments(x, w, inv_temp, c);
-  // Scores are computed without autograd; the out= GEMM below refuses inputs that require grad.
+  check_arguments(x_in, w_in, inv_temp, c);
+  // Scores are computed without autograd: the out= GEMM refuses inputs that require grad, and
+  // grad mode is per thread, so the inputs are detached (views of the same memory, never written).
   at::NoGradGuard no_grad;
+  const at::Tensor x = x_in.detach(), w = w_in.detach();
   const int64_t N = x.size(0), K = w.size(0), D = x.size(1);
   const at::ScalarType acc = accumulation_type(x, w);
   const bool f64 = acc == at::kDouble;
@@ -316,89 +357,111 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::T
     if (!w_acc.defined()) w_acc = prepare_w(w, acc, normalize);
     return w_acc;
   };
-  if (!native) prepared_w();
+  // Prepared before the parallel region, which only reads it (a native chunk can fall back).
+  if (!native || normalize) prepared_w();
 
+  // One parallel region for the whole op: each thread takes a contiguous range of chunks and
+  // runs norms, GEMM (single-threaded inside the region) and epilogue on them with its own
+  // buffers. Three regions per chunk (norms, a multi-threaded GEMM, epilogue) made every chunk
+  // wait for the slowest core three times, which a busy machine punished far more than one GEMM.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_row = std::max(K, D);
-  const int64_t chunk = std::min(N, std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(per_row, 1)));
-  at::Tensor logits_buf = at::empty({chunk, K}, opts);
-  at::Tensor x_buf;  // converted (and where needed rescaled) rows of x, in acc
+  const int64_t cache_rows = std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(per_row, 1));
+  const int64_t chunk = std::max<int64_t>(1, std::min(cache_rows, (N + threads - 1) / threads));
+  const int64_t num_chunks = (N + chunk - 1) / chunk;
   // x as the GEMM reads it directly: its own dtype is the GEMM's, with unit column stride.
   const bool x_direct = !native && x.scalar_type() == acc && x.stride(1) == 1;
   const double safe_low = f64 ? kDoubleSafeLow : kFloatSafeLow;
   const double safe_high = f64 ? kDoubleSafeHigh : kFloatSafeHigh;
   const double scale_max = f64 ? DBL_MAX / 4 : FLT_MAX / 4;
-  std::vector<double> norms(chunk);
-  std::vector<std::pair<int64_t, int>> rescale;  // (row, e): the row is multiplied by 2^e
-  ChunkScales scales;
-  scales.row_f32.resize(f64 ? 0 : chunk);
-  scales.row_f64.resize(f64 ? chunk : 0);
   int64_t* idx_ptr = top_indices.data_ptr<int64_t>();
+  const at::Tensor w_gemm_t = w_acc.defined() ? w_acc.t() : at::Tensor();
 
-  for (int64_t start = 0; start < N; start += chunk) {
-    const int64_t rows = std::min(chunk, N - start);
-    const at::Tensor xc = x.narrow(0, start, rows);
-    // `a`: the chunk's rows in acc, read by the norms and by the acc GEMM: x itself where
-    // possible, else an exact conversion in the cache-sized buffer (the native half GEMM reads
-    // x itself and needs the conversion only for the norms).
-    at::Tensor a;
-    bool in_buffer = false;
-    const auto to_buffer = [&]() {
-      if (!x_buf.defined()) x_buf = at::empty({chunk, D}, opts);
-      a = x_buf.narrow(0, 0, rows);
-      a.copy_(xc);
-      in_buffer = true;
-    };
-    if (x_direct) {
-      a = xc;
-    } else if (!native || normalize) {
-      to_buffer();
-    }
+  FirstError errors;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    at::Tensor logits_buf = at::empty({chunk, K}, opts);
+    at::Tensor x_buf;  // converted (and where needed rescaled) rows of x, in acc
+    std::vector<double> norms(chunk);
+    std::vector<std::pair<int64_t, int>> rescale;  // (row, e): the row is multiplied by 2^e
+    ChunkScales scales;
+    scales.row_f32.resize(f64 ? 0 : chunk);
+    scales.row_f64.resize(f64 ? chunk : 0);
 
-    bool chunk_native = native;
-    if (normalize) {
-      row_norms(a, rows, norms.data());
-      check_norms("x", norms.data(), rows, start);
-      rescale.clear();
-      for (int64_t r = 0; r < rows; ++r) {
-        const double v = norms[r];
-        const bool big_scale = inv_temp / v > scale_max;
-        if (v < kHalfSafeLow || v > kHalfSafeHigh || big_scale) chunk_native = false;
-        if (v < safe_low || v > safe_high || big_scale) {
-          rescale.emplace_back(r, -std::ilogb(v));  // v * 2^e in [1, 2)
+    for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+      const int64_t start = ci * chunk;
+      if (!errors.clear_below(start)) break;  // a lower row already failed
+      const int64_t rows = std::min(chunk, N - start);
+      const at::Tensor xc = x.narrow(0, start, rows);
+      // `a`: the chunk's rows in acc, read by the norms and by the acc GEMM: x itself where
+      // possible, else an exact conversion in the cache-sized buffer (the native half GEMM reads
+      // x itself and needs the conversion only for the norms).
+      at::Tensor a;
+      bool in_buffer = false;
+      const auto to_buffer = [&]() {
+        if (!x_buf.defined()) x_buf = at::empty({chunk, D}, opts);
+        a = x_buf.narrow(0, 0, rows);
+        a.copy_(xc);
+        in_buffer = true;
+      };
+      if (x_direct) {
+        a = xc;
+      } else if (!native || normalize) {
+        to_buffer();
+      }
+
+      bool chunk_native = native;
+      if (normalize) {
+        row_norms(a, rows, norms.data());
+        if (auto [row, message] = bad_norm("x", norms.data(), rows, start); row >= 0) {
+          errors.record(row, std::move(message));
+          break;
         }
+        rescale.clear();
+        for (int64_t r = 0; r < rows; ++r) {
+          const double v = norms[r];
+          const bool big_scale = inv_temp / v > scale_max;
+          if (v < kHalfSafeLow || v > kHalfSafeHigh || big_scale) chunk_native = false;
+          if (v < safe_low || v > safe_high || big_scale) {
+            rescale.emplace_back(r, -std::ilogb(v));  // v * 2^e in [1, 2)
+          }
+        }
+        // A row outside the half GEMM's safe range sends its chunk to the acc GEMM (rare); a row
+        // outside the acc GEMM's safe range is multiplied by a power of two, which is exact.
+        if (!rescale.empty() && !chunk_native) {
+          if (!in_buffer) to_buffer();
+          scale_rows(a, rescale);
+          for (const auto& [r, e] : rescale) norms[r] = std::ldexp(norms[r], e);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          if (f64) scales.row_f64[r] = inv_temp / norms[r];
+          else scales.row_f32[r] = static_cast<float>(inv_temp / norms[r]);
+        }
+      } else {
+        if (f64) std::fill(scales.row_f64.begin(), scales.row_f64.end(), inv_temp);
+        else std::fill(scales.row_f32.begin(), scales.row_f32.end(), static_cast<float>(inv_temp));
       }
-      // A row outside the half GEMM's safe range sends its chunk to the acc GEMM (rare); a row
-      // outside the acc GEMM's safe range is multiplied by a power of two, which is exact.
-      if (!rescale.empty() && !chunk_native) {
-        if (!in_buffer) to_buffer();
-        scale_rows(a, rescale);
-        for (const auto& [r, e] : rescale) norms[r] = std::ldexp(norms[r], e);
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        if (f64) scales.row_f64[r] = inv_temp / norms[r];
-        else scales.row_f32[r] = static_cast<float>(inv_temp / norms[r]);
-      }
-    } else {
-      if (f64) std::fill(scales.row_f64.begin(), scales.row_f64.end(), inv_temp);
-      else std::fill(scales.row_f32.begin(), scales.row_f32.end(), static_cast<float>(inv_temp));
-    }
 
-    at::Tensor logits = logits_buf.narrow(0, 0, rows);
-    if (chunk_native) {
-      mixed_gemm(x.scalar_type())(101, 111, 112, static_cast<int>(rows), static_cast<int>(K),
-                                  static_cast<int>(D), 1.0f, xc.data_ptr(), static_cast<int>(x.stride(0)),
-                                  w_native.data_ptr(), static_cast<int>(D), 0.0f,
-                                  logits.data_ptr<float>(), static_cast<int>(K));
-      scales.col = normalize ? col_scale.data() : nullptr;
-    } else {
-      at::mm_out(logits, a, prepared_w().t());
-      scales.col = nullptr;
+      at::Tensor logits = logits_buf.narrow(0, 0, rows);
+      if (chunk_native) {
+        mixed_gemm(x.scalar_type())(101, 111, 112, static_cast<int>(rows), static_cast<int>(K),
+                                    static_cast<int>(D), 1.0f, xc.data_ptr(), static_cast<int>(x.stride(0)),
+                                    w_native.data_ptr(), static_cast<int>(D), 0.0f,
+                                    logits.data_ptr<float>(), static_cast<int>(K));
+        scales.col = normalize ? col_scale.data() : nullptr;
+      } else {
+        at::mm_out(logits, a, w_gemm_t);
+        scales.col = nullptr;
+      }
+      const int64_t bad = reduce_chunk(logits, rows, start, c, scales, top_values, idx_ptr, lse_outside);
+      if (bad >= 0) {
+        errors.record(bad, c10::str("fused_score_state: the logits of row ", bad,
+                                    " are not finite: x or w holds NaN or ±inf, or x·wᵀ·inv_temp ",
+                                    "overflows ", dtype_name(acc), " (rescale the inputs or pass float64)"));
+        break;
+      }
     }
-    const int64_t bad = reduce_chunk(logits, rows, start, c, scales, top_values, idx_ptr, lse_outside);
-    TORCH_CHECK(bad < 0, "fused_score_state: the logits of row ", bad,
-                " are not finite: x or w holds NaN or ±inf, or x·wᵀ·inv_temp overflows ",
-                dtype_name(acc), " (rescale the inputs or pass float64)");
-  }
+  });
+  errors.raise();
   return {top_values, top_indices, lse_outside};
 }
 
