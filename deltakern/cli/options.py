@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import warnings
+from typing import Any
 
 from deltakern.core.constants import BACKENDS, MODES, PRECISIONS
 
@@ -131,3 +132,12 @@ def summary(stats: dict, manifest: str) -> str:
         f"{totals}; this run added {stats['rows']} rows from {stats['images']} images in {stats['shards_done_now']} "
         f"shards ({stats['shards_skipped']} were already done) {speed}; manifest: {manifest}"
     )
+
+
+def settings_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """A pipeline settings object (``EncodeSettings``, ``ScoreSettings``) from the parsed flags:
+    every field of ``cls`` takes the value of the flag of the same name (``--shard-size`` ->
+    ``shard_size``), so a new setting needs only its flag and its field."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})

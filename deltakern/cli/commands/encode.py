@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from deltakern.cli.options import IMAGES_HELP, add_model_options, add_run_options, is_main_process, plain_warnings, summary
+from deltakern.cli.options import (
+    IMAGES_HELP,
+    add_model_options,
+    add_run_options,
+    is_main_process,
+    plain_warnings,
+    settings_from_args,
+    summary,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,21 +44,7 @@ def run(args: argparse.Namespace) -> int:
     plain_warnings("encode")
     from deltakern.pipeline import EncodeSettings, run_encode
 
-    settings = EncodeSettings(
-        model=args.model,
-        pretrained=args.pretrained,
-        images=args.images,
-        out=args.out,
-        dtype=args.dtype,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
-        dist_backend=args.dist_backend,
-        exif_transpose=args.exif_transpose,
-    )
+    settings = settings_from_args(EncodeSettings, args)
     stats = run_encode(settings, progress=not args.no_progress)
     if is_main_process():
         print(summary(stats, f"{args.out}/manifest.json"))

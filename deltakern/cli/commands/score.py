@@ -11,6 +11,7 @@ from deltakern.cli.options import (
     add_score_options,
     is_main_process,
     plain_warnings,
+    settings_from_args,
     summary,
 )
 
@@ -80,34 +81,7 @@ def run(args: argparse.Namespace) -> int:
     plain_warnings("score")
     from deltakern.pipeline import ScoreSettings, output_paths, run_score
 
-    settings = ScoreSettings(
-        out=args.out,
-        model=args.model,
-        pretrained=args.pretrained,
-        images=args.images,
-        features=args.features,
-        classes=args.classes,
-        imagenet=args.imagenet,
-        templates=args.templates,
-        prompts=args.prompts,
-        c=args.c,
-        temperature=args.temperature,
-        reset=args.reset,
-        mode=args.mode,
-        backend=args.backend,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        negative_labels=args.negative_labels,
-        n_negative=args.n_negative,
-        negative_groups=args.negative_groups,
-        dist_backend=args.dist_backend,
-        exif_transpose=args.exif_transpose,
-    )
+    settings = settings_from_args(ScoreSettings, args)
     stats = run_score(settings, progress=not args.no_progress)
     if is_main_process():
         print(summary(stats, str(output_paths(args.out)[1])))
