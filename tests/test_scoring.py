@@ -363,3 +363,18 @@ def test_cuda_inference_only_and_tiny_rows(backend, scale):
             assert value.is_cuda and value.grad_fn is None and not value.requires_grad
             assert_close_contract(value, want[field], torch.float32, f"cuda/{backend}/{mode}/{field}")
         assert_indices_match(got.topk_indices, want["topk_indices"], want["logits"], torch.float32)
+
+
+@pytest.mark.parametrize("backend", dk.available_backends("cpu"))
+@pytest.mark.parametrize("c", [1, 2])
+def test_outside_sum_survives_a_gap_beyond_the_exponent_range(backend, c):
+    """Raw dot products can put the top logits more than ~709 above the rest (exp of the gap
+    overflows even double): the outside log-sum-exp must still be the rest's, not -inf."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(17, 13, generator=g)
+    X = torch.randn(3, 13, generator=g)
+    X[1] = W[9] * 8  # a top logit of ~8·|w|²/τ, hundreds above the others at τ = 1/32
+    got = dk.score(X, W, c=c, temperature=0.03125, normalize=False, backend=backend)
+    want = scores64(X, W, temperature=0.03125, c=c, normalize=False)
+    for name in ("delta_energy", "energy", "msp", "max_logit"):
+        assert_close_contract(getattr(got, name), want[name], torch.float32, name)

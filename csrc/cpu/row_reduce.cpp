@@ -211,7 +211,9 @@ inline float reduce_row_f32_body(const float* row, int64_t K, int64_t c, float* 
   if (equal_outside > 0) outside_max = threshold;
 
   const float shift = outside_max;
-  double sum = static_cast<double>(equal_outside) * std::exp(static_cast<double>(threshold - shift));
+  // With outside copies of t the shift is t itself and each copy adds exp(0) = 1. Without any,
+  // nothing is added: exp(t - m) may overflow (a gap above ~709) and 0 * inf would be NaN.
+  double sum = equal_outside > 0 ? static_cast<double>(equal_outside) : 0.0;
   int64_t k = 0;
   for (; k + kBlock <= K; k += kBlock) sum += BlockSum::run(row + k, threshold, shift);
   for (; k < K; ++k) {
