@@ -128,7 +128,8 @@ def test_demo_says_what_its_times_tables_and_data_are():
     bar = re.findall(r"3\.00k/3\.00k \[(\d+):(\d+)<", out.stderr)
     assert bar, out.stderr
     bar_seconds = 60 * int(bar[-1][0]) + int(bar[-1][1])
-    assert fused < loop and bar_seconds <= loop < bar_seconds + 1.5, (fused, loop, bar_seconds)
+    # Both are printed to 0.01 s, so on a fast machine they may print equal: a part is at most the whole.
+    assert fused <= loop and bar_seconds <= loop < bar_seconds + 1.5, (fused, loop, bar_seconds)
     # A legend right under the main table (after its accuracy line) names the OOD set and the FPR.
     legend = lines.index(next(line for line in lines if line.startswith("synthetic-ood = the generated OOD rows")))
     assert lines[legend - 1].startswith("ID top-1 accuracy:")
