@@ -20,6 +20,14 @@ TORCH_LIBRARY(deltakern, m) {
       "fused_score_state(Tensor x, Tensor w, float inv_temp, int c, bool normalize) "
       "-> (Tensor, Tensor, Tensor)");
 
+  // The same state plus, for NegLabel (docs/conventions.md §2.5), the log-sum-exp of the logits
+  // against each of `groups` consecutive, equal blocks of the M rows of w_neg (same dtype as w),
+  // from the same pass over x. The first three outputs equal fused_score_state's.
+  // Returns (topk_values [N, c], topk_indices [N, c] int64, lse_outside [N], lse_neg [N, groups]).
+  m.def(
+      "fused_score_neg_state(Tensor x, Tensor w, Tensor w_neg, float inv_temp, int c, int groups, "
+      "bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
+
   // EBM loss forward (docs/conventions.md §6). Per row: logits l = x_hat w_hat^T * inv_temp, target column
   // t (argmax of l when target_pred, ties to the lower class; else the label), the keep mask
   // (false on the mask_count largest entries of x_hat * w_hat_t, ties to the lower dimension),

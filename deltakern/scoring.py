@@ -27,7 +27,7 @@ from deltakern.core.validation import (
 from deltakern.ops import extension, registry
 from deltakern.ops.triton import triton_status
 from deltakern.reference import scoring as reference
-from deltakern.reference.negatives import negative_lse
+from deltakern.reference.negatives import negative_lse, score_neg_state
 
 __all__ = [
     "BACKENDS", "MODES", "Scores", "available_backends", "backend_status", "delta_energy", "energy",
@@ -83,16 +83,33 @@ def resolve_backend(backend: str, device: torch.device | str, c: int = 1) -> str
     return chosen
 
 
-def _state(X, W, *, temperature, c, normalize, backend, allow_tf32):
+def _state(X, W, negatives, groups, *, temperature, c, normalize, backend, allow_tf32):
+    """``(top-c logits, their indices, outside LSE, [N, groups] negative LSEs or None)`` from one
+    pass of the chosen backend over X (the negatives, when given, in the same pass)."""
     if backend == "cpp":
-        return registry.fused_score_state(X, W, 1.0 / temperature, c, normalize)
+        if negatives is None:
+            return (*registry.fused_score_state(X, W, 1.0 / temperature, c, normalize), None)
+        if registry.has_kernel("fused_score_neg_state", "CPU"):
+            return registry.fused_score_neg_state(X, W, negatives, 1.0 / temperature, c, groups, normalize)
+        # An extension built before the NegLabel op: the ID state fused, the negatives in a
+        # second (reference) pass.
+        state = registry.fused_score_state(X, W, 1.0 / temperature, c, normalize)
+        return (*state, negative_lse(X, negatives, temperature=temperature, groups=groups, normalize=normalize))
     if backend == "triton":
         from deltakern.ops.triton import fused_score  # lazy: imports triton
 
-        return fused_score.fused_score_state(
-            X, W, inv_temp=1.0 / temperature, c=c, normalize=normalize, allow_tf32=allow_tf32
+        if negatives is None:
+            state = fused_score.fused_score_state(
+                X, W, inv_temp=1.0 / temperature, c=c, normalize=normalize, allow_tf32=allow_tf32
+            )
+            return (*state, None)
+        return fused_score.fused_score_neg_state(
+            X, W, negatives, inv_temp=1.0 / temperature, c=c, groups=groups, normalize=normalize,
+            allow_tf32=allow_tf32,
         )
-    return reference.score_state(X, W, temperature=temperature, c=c, normalize=normalize)
+    if negatives is None:
+        return (*reference.score_state(X, W, temperature=temperature, c=c, normalize=normalize), None)
+    return score_neg_state(X, W, negatives, temperature=temperature, c=c, groups=groups, normalize=normalize)
 
 
 def _within_safe_range(t: torch.Tensor) -> torch.Tensor:
@@ -141,15 +158,11 @@ def score_modes(
         )
 
 
-def _negative_state(X, negatives, groups, *, temperature, normalize):
-    """``[N, groups]`` log-sum-exps of the logits against each negative group, or None."""
-    if negatives is None:
-        return None
+def _grouped_negatives(negatives: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The negative labels in group order (fixed-seed shuffle, ``M mod groups`` dropped;
+    docs/conventions.md §2.5) and in ``dtype``: a new tensor, the caller's rows stay as given."""
     order = negative_group_order(negatives.shape[0], groups).to(negatives.device)
-    grouped = negatives.index_select(0, order)  # a new tensor: the caller's rows stay as given
-    # Every backend computes the negative groups with the row-chunked reference pass for now;
-    # the fused kernels reduce the ID classes. Memory stays O(chunk·M).
-    return negative_lse(X, grouped, temperature=temperature, groups=groups, normalize=normalize)
+    return negatives.index_select(0, order).to(dtype)
 
 
 def _score_modes(
@@ -169,6 +182,11 @@ def _score_modes(
         check_pair(X, negatives, ("X", "negatives"))
         negatives = check_values("negatives", negatives, normalize=normalize, rescales_rows=True)
         negative_groups = check_int_range("negative_groups", negative_groups, 1, negatives.shape[0])
+        # One class dtype for both matrices (the kernels multiply X by each in the same way):
+        # the wider of the two, so that neither loses digits.
+        common = torch.promote_types(W.dtype, negatives.dtype)
+        W = W.to(common)
+        negatives = _grouped_negatives(negatives, negative_groups, common)
     chosen = resolve_backend(backend, X.device, c)
     if chosen == "triton" and torch.float64 in (X.dtype, W.dtype):
         # The Triton kernel multiplies in float32 at most; float64 inputs keep float64 end to
@@ -178,15 +196,16 @@ def _score_modes(
         chosen = "reference"
     if normalize and chosen == "triton":
         X, W = _within_safe_range(X), _within_safe_range(W)
-    top_v, top_i, outside = _state(
-        X, W, temperature=temperature, c=c, normalize=normalize, backend=chosen, allow_tf32=allow_tf32
+        negatives = None if negatives is None else _within_safe_range(negatives)
+    top_v, top_i, outside, lse_neg = _state(
+        X, W, negatives, negative_groups, temperature=temperature, c=c, normalize=normalize,
+        backend=chosen, allow_tf32=allow_tf32,
     )
     out_dtype = accumulation_dtype(X, W)
     results = {
         m: derive_scores(top_v, top_i, outside, reset_logit=reset / temperature, mode=m, out_dtype=out_dtype)
         for m in modes
     }
-    lse_neg = _negative_state(X, negatives, negative_groups, temperature=temperature, normalize=normalize)
     if lse_neg is None:
         return results
     lse_id = torch.logaddexp(torch.logsumexp(top_v.to(torch.float64), dim=1), outside.to(torch.float64))

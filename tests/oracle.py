@@ -1,6 +1,7 @@
 """Float64 evaluation of docs/conventions.md §2 straight from the definitions, for small inputs.
 
-Independent of deltakern's own code paths: full logits matrix, explicit edits, logsumexp.
+Independent of deltakern's own code paths: full logits matrix, explicit edits, logsumexp (NegLabel
+borrows only the fixed-seed group order, which is part of its definition).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import torch
 
 from deltakern.core.constants import score_tolerance
+from deltakern.core.neglabel import negative_group_order
 
 
 def unit_rows64(t: torch.Tensor) -> torch.Tensor:
@@ -98,3 +100,17 @@ def confident_rows(n: int, k: int, d: int, *, seed: int = 0, gap: float = 0.5) -
     labels = torch.randint(0, k, (n,), generator=g)
     X = W[labels] * 4.0 + 0.05 * torch.randn(n, d, generator=g) * math.sqrt(d) / math.sqrt(d)
     return X, W
+
+
+def neglabel64(X, W, N, *, temperature, groups):
+    """log of the mean over groups of sum(e^ID) / (sum(e^ID) + sum(e^neg_g)), float64, direct."""
+    x = torch.nn.functional.normalize(X.double(), dim=1)
+    lid = x @ torch.nn.functional.normalize(W.double(), dim=1).T / temperature
+    order = negative_group_order(N.shape[0], groups)
+    lneg = (x @ torch.nn.functional.normalize(N.double(), dim=1)[order].T / temperature).view(X.shape[0], groups, -1)
+    a = torch.logsumexp(lid, 1)[:, None]
+    b = torch.logsumexp(lneg, 2)
+    share = 1.0 / (1.0 + torch.exp(b - a))  # plain float64 arithmetic with exponentials
+    rest = 1.0 / (1.0 + torch.exp(a - b))  # 1 - share, without forming 1 - share
+    mean_share, mean_rest = share.mean(1), rest.mean(1)
+    return torch.where(mean_share > 0.5, torch.log1p(-mean_rest), torch.log(mean_share))

@@ -6,26 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import assert_close_contract
+from oracle import assert_close_contract, neglabel64
 
 import deltakern as dk
-from deltakern.core.neglabel import negative_group_order
 
 BACKENDS = dk.available_backends("cpu")
-
-
-def neglabel64(X, W, N, *, temperature, groups):
-    """log of the mean over groups of sum(e^ID) / (sum(e^ID) + sum(e^neg_g)), float64, direct."""
-    x = torch.nn.functional.normalize(X.double(), dim=1)
-    lid = x @ torch.nn.functional.normalize(W.double(), dim=1).T / temperature
-    order = negative_group_order(N.shape[0], groups)
-    lneg = (x @ torch.nn.functional.normalize(N.double(), dim=1)[order].T / temperature).view(X.shape[0], groups, -1)
-    a = torch.logsumexp(lid, 1)[:, None]
-    b = torch.logsumexp(lneg, 2)
-    share = 1.0 / (1.0 + torch.exp(b - a))  # plain float64 arithmetic with exponentials
-    rest = 1.0 / (1.0 + torch.exp(a - b))  # 1 - share, without forming 1 - share
-    mean_share, mean_rest = share.mean(1), rest.mean(1)
-    return torch.where(mean_share > 0.5, torch.log1p(-mean_rest), torch.log(mean_share))
 
 
 def make(n, k, m, d, seed, *, confident=False, negatives_dominate=False):

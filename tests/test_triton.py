@@ -25,7 +25,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from oracle import assert_close_contract, assert_indices_match, confident_rows, logits64, scores64  # noqa: E402
+from oracle import (  # noqa: E402
+    assert_close_contract,
+    assert_indices_match,
+    confident_rows,
+    logits64,
+    neglabel64,
+    scores64,
+)
 
 import deltakern as dk  # noqa: E402
 from deltakern.ops.triton import interpreter_active  # noqa: E402
@@ -254,17 +261,78 @@ def test_fake_kernel_and_schema(fused):
     test_triton_gpu.py runs the full opcheck."""
     X, W = make_inputs(5, 70, 16, seed=44)
     op = torch.ops.deltakern.fused_score_state_triton.default
-    for c in (1, 3):
+    for c, negatives, groups in ((1, None, 1), (3, None, 1), (3, W[:30].flip(0), 3)):
         torch.library.opcheck(
-            op, (X, W, 100.0, c, True, False),
+            op, (X, W, negatives, 100.0, c, groups, True, False),
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
         )
     with torch._subclasses.fake_tensor.FakeTensorMode():
         fx, fw = torch.empty(1000, 512, dtype=torch.bfloat16), torch.empty(77, 512, dtype=torch.bfloat16)
-        v, i, lse = op(fx, fw, 100.0, 5, True, False)
+        v, i, lse, lse_neg = op(fx, fw, None, 100.0, 5, 1, True, False)
         assert v.shape == (1000, 5) and v.dtype == torch.float32
         assert i.shape == (1000, 5) and i.dtype == torch.int64
         assert lse.shape == (1000,) and lse.dtype == torch.float32
+        assert lse_neg.shape == (1000, 0)
+        *_, lse_neg = op(fx, fw, fw[:70], 100.0, 5, 7, True, False)
+        assert lse_neg.shape == (1000, 7) and lse_neg.dtype == torch.float32
+
+
+# (n, k, m, d, c, groups, normalize): group sizes that are not multiples of the 32-wide column
+# tiles, groups smaller than one tile, several row and D tiles with partial edges.
+NEG_CASES = [
+    (1, 1, 1, 16, 1, 1, True),
+    (45, 37, 70, 40, 3, 5, True),
+    (130, 70, 99, 48, 1, 3, True),
+    (5, 3, 64, 96, 2, 1, False),
+]
+
+
+@pytest.mark.parametrize("n,k,m,d,c,groups,normalize", NEG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_negative_groups_state(fused, n, k, m, d, c, groups, normalize, dtype):
+    """The NegLabel groups in the same launch: each group's log-sum-exp against float64, and the
+    ID outputs equal to the launch without negatives, bit for bit."""
+    X, W = make_inputs(n, k, d, seed=n + m + d, dtype=dtype)
+    N = make_inputs(m, 1, d, seed=m * 3 + d, dtype=dtype)[0]
+    temperature = 0.01 if normalize else 1.0
+    if not normalize:
+        X, W, N = X / d**0.5, W / d**0.5, N / d**0.5
+    *id_state, lse_neg = fused.fused_score_neg_state(
+        X, W, N, inv_temp=1.0 / temperature, c=c, groups=groups, normalize=normalize
+    )
+    plain = fused.fused_score_state(X, W, inv_temp=1.0 / temperature, c=c, normalize=normalize)
+    for got, want in zip(id_state, plain):
+        assert torch.equal(got, want)
+    assert lse_neg.shape == (n, groups) and lse_neg.dtype == torch.float32
+    want = torch.logsumexp(logits64(X, N, temperature, normalize).view(n, groups, -1), dim=2)
+    assert_close_contract(lse_neg, want, dtype, "lse_neg vs float64")
+
+
+@pytest.mark.parametrize("case", ["random", "confident", "negatives_dominate"])
+def test_neglabel_scores_match_float64(case):
+    """dk.score(backend="triton", negatives=...) against the float64 NegLabel definition."""
+    X, W = make_inputs(37, 11, 33, seed=9)
+    N = make_inputs(41, 1, 33, seed=10)[0]
+    if case == "confident":
+        X = W[torch.arange(37) % 11] + 0.01 * X
+    if case == "negatives_dominate":
+        X = N[torch.arange(37) % 41] + 0.01 * X
+    for groups in (1, 4):
+        got = dk.score(X, W, c=2, negatives=N, negative_groups=groups, backend="triton")
+        want = dk.score(X, W, c=2, backend="triton")
+        for field in SCORE_FIELDS:
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+        assert_close_contract(got.neglabel, neglabel64(X, W, N, temperature=0.01, groups=groups), torch.float32, case)
+
+
+def test_negative_arguments_name_themselves(fused):
+    X, W = make_inputs(5, 7, 16, seed=45)
+    with pytest.raises(TypeError, match="W_neg must have W's dtype torch.float32, got torch.float16"):
+        fused.fused_score_neg_state(X, W, W.half(), inv_temp=100.0, c=1, groups=1, normalize=True)
+    with pytest.raises(ValueError, match="groups must divide the M=7 rows of W_neg into equal groups, got 2"):
+        fused.fused_score_neg_state(X, W, W, inv_temp=100.0, c=1, groups=2, normalize=True)
+    with pytest.raises(ValueError, match="X and W_neg must share the embedding dimension"):
+        fused.fused_score_neg_state(X, W, W[:, :8], inv_temp=100.0, c=1, groups=1, normalize=True)
 
 
 def test_backend_choice():

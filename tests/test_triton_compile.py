@@ -86,6 +86,21 @@ def test_full_matrix(compiled, capsys, target, dtype, c):
     _check_pair(compiled, capsys, target, dtype, c)
 
 
+@pytest.mark.parametrize("target,dtype,c", [(90, "bfloat16", 1), (80, "float32", 3)])
+def test_negative_label_variant_compiles_pipelined_without_spills(compiled, capsys, target, dtype, c):
+    """The NegLabel launch (a second flat loop over the negative groups after the ID classes):
+    both tile products pipelined, on tensor cores, without spills."""
+    from deltakern.ops.triton import fused_score
+
+    config = fused_score.tile_config((target // 10, target % 10), DTYPES[dtype], c)
+    fused = compiled.fused_report(target, DTYPES[dtype], c, negatives=10_000, groups=4)
+    control = _gemm(target, dtype, config, 512)
+    with capsys.disabled():
+        print("\n" + compiled.format_table([(fused, control)]))
+    assert compiled.problems_of(fused) == [], f"sm_{target} {dtype} c={c}: {compiled.problems_of(fused)}"
+    assert fused.operand_buffers >= 2 and fused.tensor_core_instructions > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_odd_embedding_width_still_compiles_without_spills(compiled, capsys, target):

@@ -192,7 +192,8 @@ def test_auto_picks_triton_on_cuda():
 def test_opcheck(fused):
     X, W = make_inputs(130, 70, 48, seed=11, dtype=torch.bfloat16)
     for c in (1, 3):
-        torch.library.opcheck(torch.ops.deltakern.fused_score_state_triton.default, (X, W, 100.0, c, True, False))
+        torch.library.opcheck(torch.ops.deltakern.fused_score_state_triton.default, (X, W, None, 100.0, c, 1, True, False))
+        torch.library.opcheck(torch.ops.deltakern.fused_score_state_triton.default, (X, W, W[:12].flip(0), 100.0, c, 4, True, False))
 
 
 @pytest.mark.slow  # heavy: opt-in in bench/gpu_check.sh (GPU_CHECK_HEAVY=1)

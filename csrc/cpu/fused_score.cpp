@@ -227,16 +227,16 @@ void scale_rows(at::Tensor& rows, const std::vector<std::pair<int64_t, int>>& ex
 
 // W converted to `acc` (a new tensor, never the caller's) and, when normalising, scaled to unit
 // rows with robust norms.
-at::Tensor prepare_w(const at::Tensor& w, at::ScalarType acc, bool normalize) {
+at::Tensor prepare_w(const at::Tensor& w, at::ScalarType acc, bool normalize, const char* name) {
   at::Tensor out = w.to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
   const int64_t K = out.size(0), D = out.size(1);
   if (!normalize) {
-    TORCH_CHECK(at::isfinite(out).all().item<bool>(), "fused_score_state: w holds NaN or ±inf");
+    TORCH_CHECK(at::isfinite(out).all().item<bool>(), "fused_score_state: ", name, " holds NaN or ±inf");
     return out;
   }
   std::vector<double> norms(K);
   row_norms(out, K, norms.data());
-  check_norms("w", norms.data(), K, 0);
+  check_norms(name, norms.data(), K, 0);
   // Divide in double: 1/norm of a subnormal float row is past float's range, and a float64 row
   // that far out is first brought near 1 by an exact power of two.
   at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
@@ -312,60 +312,134 @@ int64_t reduce_chunk(at::Tensor& logits, int64_t rows, int64_t start, int64_t c,
   return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
 }
 
+// ---------------------------------------------------------------- negative-label groups
+
+// The class matrix of one GEMM in the chunk loop: the ID classes, or the negative labels of the
+// NegLabel state. Each is used as given with per-class factors 1/|w_k| by the half GEMM, or as
+// a prepared copy with unit rows (as given without normalize) by the acc GEMM.
+struct ClassRows {
+  const char* name;
+  at::Tensor given;             // the caller's rows (detached), never written
+  at::Tensor native;            // contiguous rows for the half GEMM
+  std::vector<float> col_scale; // per row: 1/|w_k| (half GEMM with normalize)
+  at::Tensor prepared;          // [rows, D] in acc, for the acc GEMM
+  at::Tensor prepared_t;
+
+  // Sets up the half-GEMM operand; false when a row's norm is outside the half GEMM's safe range.
+  bool setup_native(bool normalize) {
+    native = given.contiguous();
+    if (!normalize) {
+      TORCH_CHECK(at::isfinite(given).all().item<bool>(), "fused_score_state: ", name, " holds NaN or ±inf");
+      return true;
+    }
+    const int64_t K = given.size(0);
+    std::vector<double> norms(K);
+    row_norms(native.to(at::kFloat), K, norms.data());
+    check_norms(name, norms.data(), K, 0);
+    col_scale.resize(K);
+    for (int64_t k = 0; k < K; ++k) col_scale[k] = static_cast<float>(1.0 / norms[k]);
+    return std::all_of(norms.begin(), norms.end(),
+                       [](double v) { return v >= kHalfSafeLow && v <= kHalfSafeHigh; });
+  }
+
+  void prepare(at::ScalarType acc, bool normalize) {
+    prepared = prepare_w(given, acc, normalize, name);
+    prepared_t = prepared.t();
+  }
+
+  // logits[rows, K] = a · prepared^T (acc GEMM) or x · native^T in half precision.
+  void multiply(at::Tensor& logits, const at::Tensor& a, const at::Tensor& xc, bool half) const {
+    if (!half) {
+      at::mm_out(logits, a, prepared_t);
+      return;
+    }
+    const int64_t rows = logits.size(0), K = logits.size(1), D = xc.size(1);
+    mixed_gemm(xc.scalar_type())(101, 111, 112, static_cast<int>(rows), static_cast<int>(K),
+                                 static_cast<int>(D), 1.0f, xc.data_ptr(), static_cast<int>(xc.stride(0)),
+                                 native.data_ptr(), static_cast<int>(D), 0.0f,
+                                 logits.data_ptr<float>(), static_cast<int>(K));
+  }
+};
+
+// Scales `rows` rows of negative-label logits and reduces each to the log-sum-exp of each of
+// `groups` consecutive, equal column blocks; the first non-finite row's index or -1.
+int64_t reduce_negative_chunk(at::Tensor& logits, int64_t rows, int64_t start, int64_t groups,
+                              const ChunkScales& s, at::Tensor& lse_neg) {
+  const int64_t M = logits.size(1), size = M / groups;
+  std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = start + r;
+      bool finite;
+      if (logits.scalar_type() == at::kDouble) {
+        double* row = logits.data_ptr<double>() + r * M;
+        double* out = lse_neg.data_ptr<double>() + n * groups;
+        finite = scale_row_f64(row, M, s.row_f64[r]);
+        for (int64_t g = 0; finite && g < groups; ++g) out[g] = lse_row_f64(row + g * size, size);
+      } else {
+        float* row = logits.data_ptr<float>() + r * M;
+        float* out = lse_neg.data_ptr<float>() + n * groups;
+        finite = scale_row_f32(row, M, s.row_f32[r], s.col);
+        for (int64_t g = 0; finite && g < groups; ++g) out[g] = lse_row_f32(row + g * size, size);
+      }
+      if (!finite) {
+        int64_t seen = first_bad.load();
+        while (n < seen && !first_bad.compare_exchange_weak(seen, n)) {
+        }
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+}
+
 // ---------------------------------------------------------------- the op
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::Tensor& x_in,
-                                                                     const at::Tensor& w_in,
-                                                                     double inv_temp, int64_t c,
-                                                                     bool normalize) {
+// The state of both ops. `w_neg` undefined: the ID state alone (fused_score_state); else also
+// the [N, groups] log-sum-exps against `groups` consecutive equal blocks of the rows of w_neg,
+// from the same pass over x: each chunk of rows is read, normed and converted once and meets
+// both class matrices while it is in cache.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
+    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& w_neg_in, double inv_temp,
+    int64_t c, int64_t groups, bool normalize) {
   check_arguments(x_in, w_in, inv_temp, c);
+  const bool has_neg = w_neg_in.defined();
   // Scores are computed without autograd: the out= GEMM refuses inputs that require grad, and
   // grad mode is per thread, so the inputs are detached (views of the same memory, never written).
   at::NoGradGuard no_grad;
-  const at::Tensor x = x_in.detach(), w = w_in.detach();
-  const int64_t N = x.size(0), K = w.size(0), D = x.size(1);
-  const at::ScalarType acc = accumulation_type(x, w);
+  const at::Tensor x = x_in.detach();
+  const int64_t N = x.size(0), K = w_in.size(0), D = x.size(1);
+  const int64_t M = has_neg ? w_neg_in.size(0) : 0;
+  const at::ScalarType acc = accumulation_type(x, w_in);
   const bool f64 = acc == at::kDouble;
 
   auto opts = x.options().dtype(acc);
   at::Tensor top_values = at::empty({N, c}, opts);
   at::Tensor top_indices = at::empty({N, c}, opts.dtype(at::kLong));
   at::Tensor lse_outside = at::empty({N}, opts);
-  if (N == 0) return {top_values, top_indices, lse_outside};
+  at::Tensor lse_neg = has_neg ? at::empty({N, groups}, opts) : at::Tensor();
+  if (N == 0) return {top_values, top_indices, lse_outside, lse_neg};
 
-  // W: the half GEMM uses it as given with a per-class factor 1/|w_k|; every other GEMM uses a
-  // prepared copy with unit rows (or as given without normalize), built once and lazily.
-  bool native = !f64 && use_native_half(x, w);
-  at::Tensor w_native;
-  std::vector<float> col_scale;
+  // The class matrices: the half GEMM uses them as given with per-class factors 1/|w_k|; every
+  // other GEMM uses prepared copies, built once, before the parallel region, which only reads
+  // them (a native chunk can fall back to them).
+  std::vector<ClassRows> classes;
+  classes.push_back(ClassRows{"w", w_in.detach()});
+  if (has_neg) classes.push_back(ClassRows{"negatives", w_neg_in.detach()});
+  bool native = !f64 && use_native_half(x, classes[0].given);
   if (native) {
-    w_native = w.contiguous();
-    if (normalize) {
-      std::vector<double> norms(K);
-      row_norms(w_native.to(at::kFloat), K, norms.data());
-      check_norms("w", norms.data(), K, 0);
-      native = std::all_of(norms.begin(), norms.end(),
-                           [](double v) { return v >= kHalfSafeLow && v <= kHalfSafeHigh; });
-      col_scale.resize(K);
-      for (int64_t k = 0; k < K; ++k) col_scale[k] = static_cast<float>(1.0 / norms[k]);
-    } else {
-      TORCH_CHECK(at::isfinite(w).all().item<bool>(), "fused_score_state: w holds NaN or ±inf");
-    }
+    for (auto& cls : classes) native = cls.setup_native(normalize) && native;
   }
-  at::Tensor w_acc;  // [K, D] in acc, prepared when a chunk needs it
-  const auto prepared_w = [&]() -> const at::Tensor& {
-    if (!w_acc.defined()) w_acc = prepare_w(w, acc, normalize);
-    return w_acc;
-  };
-  // Prepared before the parallel region, which only reads it (a native chunk can fall back).
-  if (!native || normalize) prepared_w();
+  if (!native || normalize) {
+    for (auto& cls : classes) cls.prepare(acc, normalize);
+  }
 
   // One parallel region for the whole op: each thread takes a contiguous range of chunks and
   // runs norms, GEMM (single-threaded inside the region) and epilogue on them with its own
   // buffers. Three regions per chunk (norms, a multi-threaded GEMM, epilogue) made every chunk
   // wait for the slowest core three times, which a busy machine punished far more than one GEMM.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_row = std::max(K, D);
+  const int64_t per_row = std::max(K + M, D);
   const int64_t cache_rows = std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(per_row, 1));
   const int64_t chunk = std::max<int64_t>(1, std::min(cache_rows, (N + threads - 1) / threads));
   const int64_t num_chunks = (N + chunk - 1) / chunk;
@@ -375,11 +449,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::T
   const double safe_high = f64 ? kDoubleSafeHigh : kFloatSafeHigh;
   const double scale_max = f64 ? DBL_MAX / 4 : FLT_MAX / 4;
   int64_t* idx_ptr = top_indices.data_ptr<int64_t>();
-  const at::Tensor w_gemm_t = w_acc.defined() ? w_acc.t() : at::Tensor();
 
   FirstError errors;
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     at::Tensor logits_buf = at::empty({chunk, K}, opts);
+    at::Tensor neg_buf = has_neg ? at::empty({chunk, M}, opts) : at::Tensor();
     at::Tensor x_buf;  // converted (and where needed rescaled) rows of x, in acc
     std::vector<double> norms(chunk);
     std::vector<std::pair<int64_t, int>> rescale;  // (row, e): the row is multiplied by 2^e
@@ -441,20 +515,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::T
         else std::fill(scales.row_f32.begin(), scales.row_f32.end(), static_cast<float>(inv_temp));
       }
 
+      const auto col_scale = [&](const ClassRows& cls) -> const float* {
+        return chunk_native && normalize ? cls.col_scale.data() : nullptr;
+      };
       at::Tensor logits = logits_buf.narrow(0, 0, rows);
-      if (chunk_native) {
-        mixed_gemm(x.scalar_type())(101, 111, 112, static_cast<int>(rows), static_cast<int>(K),
-                                    static_cast<int>(D), 1.0f, xc.data_ptr(), static_cast<int>(x.stride(0)),
-                                    w_native.data_ptr(), static_cast<int>(D), 0.0f,
-                                    logits.data_ptr<float>(), static_cast<int>(K));
-        scales.col = normalize ? col_scale.data() : nullptr;
-      } else {
-        at::mm_out(logits, a, w_gemm_t);
-        scales.col = nullptr;
+      classes[0].multiply(logits, a, xc, chunk_native);
+      scales.col = col_scale(classes[0]);
+      int64_t bad = reduce_chunk(logits, rows, start, c, scales, top_values, idx_ptr, lse_outside);
+      const char* against = "";
+      if (bad < 0 && has_neg) {
+        at::Tensor neg_logits = neg_buf.narrow(0, 0, rows);
+        classes[1].multiply(neg_logits, a, xc, chunk_native);
+        scales.col = col_scale(classes[1]);
+        bad = reduce_negative_chunk(neg_logits, rows, start, groups, scales, lse_neg);
+        against = " against the negatives";
       }
-      const int64_t bad = reduce_chunk(logits, rows, start, c, scales, top_values, idx_ptr, lse_outside);
       if (bad >= 0) {
-        errors.record(bad, c10::str("fused_score_state: the logits of row ", bad,
+        errors.record(bad, c10::str("fused_score_state: the logits of row ", bad, against,
                                     " are not finite: x or w holds NaN or ±inf, or x·wᵀ·inv_temp ",
                                     "overflows ", dtype_name(acc), " (rescale the inputs or pass float64)"));
         break;
@@ -462,7 +539,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::T
     }
   });
   errors.raise();
+  return {top_values, top_indices, lse_outside, lse_neg};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::Tensor& x,
+                                                                     const at::Tensor& w,
+                                                                     double inv_temp, int64_t c,
+                                                                     bool normalize) {
+  auto [top_values, top_indices, lse_outside, unused] =
+      fused_state(x, w, at::Tensor(), inv_temp, c, /*groups=*/1, normalize);
   return {top_values, top_indices, lse_outside};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_score_neg_state_cpu(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_neg, double inv_temp, int64_t c,
+    int64_t groups, bool normalize) {
+  check_arguments(x, w, inv_temp, c);
+  TORCH_CHECK(w_neg.defined() && w_neg.layout() == at::kStrided && w_neg.dim() == 2,
+              "fused_score_neg_state: w_neg must be a dense 2-D tensor [M, D]");
+  TORCH_CHECK(w.defined() && w_neg.scalar_type() == w.scalar_type(),
+              "fused_score_neg_state: w_neg must have w's dtype ", dtype_name(w.scalar_type()),
+              ", got ", dtype_name(w_neg.scalar_type()));
+  TORCH_CHECK(w_neg.device().is_cpu(), "fused_score_neg_state: w_neg must be a CPU tensor, got ",
+              w_neg.device());
+  TORCH_CHECK(w_neg.size(1) == x.size(1), "fused_score_neg_state: w_neg must have x's D = ",
+              x.size(1), ", got shape ", w_neg.sizes());
+  TORCH_CHECK(groups >= 1 && w_neg.size(0) >= groups && w_neg.size(0) % groups == 0,
+              "fused_score_neg_state: groups must divide the M = ", w_neg.size(0),
+              " rows of w_neg into equal non-empty groups, got groups = ", groups);
+  return fused_state(x, w, w_neg, inv_temp, c, groups, normalize);
 }
 
 }  // namespace
@@ -471,4 +576,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::T
 
 TORCH_LIBRARY_IMPL(deltakern, CPU, m) {
   m.impl("fused_score_state", &deltakern::cpu::fused_score_state_cpu);
+  m.impl("fused_score_neg_state", &deltakern::cpu::fused_score_neg_state_cpu);
 }

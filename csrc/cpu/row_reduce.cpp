@@ -244,6 +244,23 @@ inline bool scale_row_f32_body(float* row, int64_t K, float scale, const float* 
   return probe == 0.0f;
 }
 
+// Log-sum-exp of a whole row (a negative-label group): one vector max, then the blocked sum of
+// exp(v - max) with the same exponential as the outside sum (every v is below +inf, so the
+// block sum takes every element). The largest element adds exp(0) = 1, so the sum is >= 1.
+template <typename BlockSum>
+inline float lse_row_f32_body(const float* row, int64_t n) {
+  constexpr int64_t kBlock = BlockSum::kBlock;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float max = -kInf;
+#pragma omp simd reduction(max : max)
+  for (int64_t j = 0; j < n; ++j) max = row[j] > max ? row[j] : max;
+  double sum = 0.0;
+  int64_t j = 0;
+  for (; j + kBlock <= n; j += kBlock) sum += BlockSum::run(row + j, kInf, max);
+  for (; j < n; ++j) sum += std::exp(static_cast<double>(row[j] - max));
+  return finish(max, sum);
+}
+
 inline double sum_squares_f32_body(const float* row, int64_t D) {
   double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
@@ -293,6 +310,10 @@ bool scale_row_f32_avx2(float* row, int64_t K, float scale, const float* col_sca
   return scale_row_f32_body(row, K, scale, col_scale);
 }
 DK_TARGET("avx512f,avx2,fma")
+float lse_row_f32_avx512(const float* row, int64_t n) { return lse_row_f32_body<GenericBlockSum>(row, n); }
+DK_TARGET("avx2,fma")
+float lse_row_f32_avx2(const float* row, int64_t n) { return lse_row_f32_body<Avx2BlockSum>(row, n); }
+DK_TARGET("avx512f,avx2,fma")
 double sum_squares_f32_avx512(const float* row, int64_t D) { return sum_squares_f32_body(row, D); }
 DK_TARGET("avx2,fma")
 double sum_squares_f32_avx2(const float* row, int64_t D) { return sum_squares_f32_body(row, D); }
@@ -321,6 +342,25 @@ bool scale_row_f32(float* row, int64_t K, float scale, const float* col_scale) {
   }
 #endif
   return scale_row_f32_body(row, K, scale, col_scale);
+}
+
+float lse_row_f32(const float* row, int64_t n) {
+#if DK_X86_VARIANTS
+  switch (isa()) {
+    case Isa::kAvx512: return lse_row_f32_avx512(row, n);
+    case Isa::kAvx2: return lse_row_f32_avx2(row, n);
+    case Isa::kDefault: break;
+  }
+#endif
+  return lse_row_f32_body<PortableBlockSum>(row, n);
+}
+
+double lse_row_f64(const double* row, int64_t n) {
+  double max = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) max = row[j] > max ? row[j] : max;
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(row[j] - max);
+  return finish(max, sum);
 }
 
 double sum_squares_f32(const float* row, int64_t D) {

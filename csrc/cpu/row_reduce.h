@@ -58,6 +58,11 @@ float reduce_row_f32(const float* row, int64_t K, int64_t c, float* top_values,
 double reduce_row_f64(const double* row, int64_t K, int64_t c, double* top_values,
                       int64_t* top_indices);
 
+// Log-sum-exp of all n >= 1 finite logits of a row (a negative-label group of the NegLabel
+// state), accumulated in double like the outside sum.
+float lse_row_f32(const float* row, int64_t n);
+double lse_row_f64(const double* row, int64_t n);
+
 // The epilogue of a GEMM on rows as given: row[j] = (row[j] * col_scale[j]) * scale in place
 // (col_scale may be null: row[j] * scale). Returns false when any result is NaN or ±inf, which
 // is how a non-finite input or an overflowing logit is caught without a pass of its own.

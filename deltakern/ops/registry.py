@@ -65,6 +65,13 @@ def _register_score_ops() -> None:
             x.new_empty((n,), dtype=acc),
         )
 
+    if "deltakern::fused_score_neg_state" in _op_names():
+
+        @torch.library.register_fake("deltakern::fused_score_neg_state")
+        def _fused_score_neg_state_fake(x, w, w_neg, inv_temp, c, groups, normalize):
+            top_v, top_i, outside = _fused_score_state_fake(x, w, inv_temp, c, normalize)
+            return top_v, top_i, outside, x.new_empty((x.shape[0], groups), dtype=top_v.dtype)
+
 
 def _register_loss_ops() -> None:
     @torch.library.register_fake("deltakern::ebm_loss_forward")
@@ -151,6 +158,16 @@ def fused_score_state(
     outside log-sum-exp)``."""
     ensure_registered()
     return torch.ops.deltakern.fused_score_state(x, w, inv_temp, c, normalize)
+
+
+def fused_score_neg_state(
+    x: torch.Tensor, w: torch.Tensor, w_neg: torch.Tensor, inv_temp: float, c: int, groups: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Call the compiled ``deltakern::fused_score_neg_state`` op: the three outputs of
+    :func:`fused_score_state` and the ``[N, groups]`` log-sum-exps against the negative groups
+    (consecutive equal blocks of the rows of ``w_neg``), from one pass over ``x``."""
+    ensure_registered()
+    return torch.ops.deltakern.fused_score_neg_state(x, w, w_neg, inv_temp, c, groups, normalize)
 
 
 def ebm_loss_parts(

@@ -44,6 +44,13 @@ def top_c(logits: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, columns.gather(1, order)
 
 
+def reduce_logits(logits: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk of logits reduced to its top-c logits, their indices and the outside log-sum-exp."""
+    top_v, top_i = top_c(logits, c)
+    rest = logits.scatter(1, top_i, -math.inf)
+    return top_v, top_i, torch.logsumexp(rest, dim=1)
+
+
 def score_state(
     X: torch.Tensor,
     W: torch.Tensor,
@@ -64,9 +71,5 @@ def score_state(
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         logits = logits_chunk(X[rows], w_hat, temperature, normalize)
-        top_v, top_i = top_c(logits, c)
-        values[rows] = top_v
-        indices[rows] = top_i
-        rest = logits.scatter(1, top_i, -math.inf)
-        outside[rows] = torch.logsumexp(rest, dim=1)
+        values[rows], indices[rows], outside[rows] = reduce_logits(logits, c)
     return values, indices, outside

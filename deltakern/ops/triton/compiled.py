@@ -180,11 +180,14 @@ def _inputs(dtype: torch.dtype, n: int, k: int, d: int) -> tuple[torch.Tensor, t
 
 
 def fused_report(capability: int, dtype: torch.dtype, c: int, *, normalize: bool = True,
-                 config: fused_score.TileConfig | None = None, **shape) -> CompiledReport:
-    """The fused scoring kernel as a launch on ``sm_<capability>`` compiles it."""
+                 config: fused_score.TileConfig | None = None, negatives: int = 0, groups: int = 1,
+                 **shape) -> CompiledReport:
+    """The fused scoring kernel as a launch on ``sm_<capability>`` compiles it; with
+    ``negatives`` > 0, the NegLabel variant with that many negative labels in ``groups`` groups."""
     shape = {**LAUNCH_SHAPE, **shape}
     X, W = _inputs(dtype, shape["n"], shape["k"], shape["d"])
-    args, meta, dot_dtype = fused_score.kernel_arguments(X, W, 100.0, c, normalize, False)
+    W_neg = _inputs(dtype, 1, negatives, shape["d"])[1] if negatives else None
+    args, meta, dot_dtype = fused_score.kernel_arguments(X, W, 100.0, c, normalize, False, W_neg, groups)
     cfg = config or fused_score.tile_config((capability // 10, capability % 10), dot_dtype, c)
     return compile_for(fused_score._fused_score_kernel, args, meta, cfg, capability, kernel="fused", dtype=dtype, c=c)
 

@@ -135,11 +135,12 @@ def _merge_topc(top_v, top_i, m, s, logits, col0, C: tl.constexpr, C_PAD: tl.con
 @triton.jit
 def _fused_score_kernel(
     x_ptr, w_ptr, w_scale_ptr, top_v_ptr, top_i_ptr, lse_ptr,
-    N, K, D,
-    stride_xn, stride_xd, stride_wk, stride_wd,
+    wn_ptr, wn_scale_ptr, lse_neg_ptr,  # negative labels (HAS_NEG); else unused
+    N, K, D, G, S,  # G negative groups of S consecutive rows of wn
+    stride_xn, stride_xd, stride_wk, stride_wd, stride_wnk, stride_wnd,
     logit_scale,  # 1/τ · log2(e): cosines (or dot products) to base-2 logits
     C: tl.constexpr, C_PAD: tl.constexpr,
-    NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_NEG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # int64 row offsets: N·stride and N·c exceed 2^31 for large inputs.
@@ -206,6 +207,46 @@ def _fused_score_kernel(
 
     lse = tl.where(s > 0, (m + tl.log2(tl.where(s > 0, s, 1.0))) * _LN2, float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+    if HAS_NEG:
+        # NegLabel: the same rows against the negative labels, group by group, in the same
+        # program (the rows' norms are reused and their tiles are still in cache). One flat
+        # loop over (group, column tile, D slice), as above; each group keeps an online
+        # log-sum-exp that is stored when its last tile is in.
+        tiles = tl.cdiv(S, BLOCK_N)
+        gm = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        gs = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for t in range(0, G * tiles * num_k):
+            kt = t % num_k
+            tile = t // num_k
+            g = tile // tiles
+            cols = (tile % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < S
+            k0 = kt * BLOCK_K
+            k_ok = (k0 + offs_k) < D
+            x = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wn_cols = (g * S + cols).to(tl.int64)
+            w = tl.load(wn_ptr + wn_cols[None, :] * stride_wnk + (k0 + offs_k)[:, None] * stride_wnd,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            if kt == num_k - 1:
+                if NORMALIZE:
+                    col_scale = tl.load(wn_scale_ptr + wn_cols, mask=col_ok, other=0.0)
+                    logits = acc * row_scale[:, None] * col_scale[None, :]
+                else:
+                    logits = acc * row_scale[:, None]
+                logits = tl.where(col_ok[None, :], logits, float("-inf"))
+                gm, gs = _add_tile_to_outside(gm, gs, logits)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                if tile % tiles == tiles - 1:  # the group is complete
+                    tl.store(lse_neg_ptr + rows * G + g, (gm + tl.log2(gs)) * _LN2, mask=row_ok)
+                    gm = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    gs = tl.zeros([BLOCK_M], dtype=tl.float32)
+
     if C == 1:
         tl.store(top_v_ptr + rows, best_v * _LN2, mask=row_ok)
         tl.store(top_i_ptr + rows, best_i.to(tl.int64), mask=row_ok)
@@ -342,12 +383,14 @@ def _dot_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 
 
 def kernel_arguments(
-    x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool, allow_tf32: bool
+    x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool, allow_tf32: bool,
+    w_neg: torch.Tensor | None = None, groups: int = 1,
 ) -> tuple[tuple, dict, torch.dtype]:
     """The kernel's positional arguments (outputs allocated), its compile-time arguments and the
     dtype of its products, exactly as a launch passes them. The compile-only check
     (:mod:`deltakern.ops.triton.compiled`) builds them from the same function, so what it
-    compiles is what a launch compiles."""
+    compiles is what a launch compiles. ``w_neg`` (same dtype as ``w``) adds the NegLabel
+    groups: ``groups`` consecutive blocks of ``M // groups`` rows."""
     n, d = x.shape
     k = w.shape[0]
     # Coalesced loads need unit stride along D; any row stride is fine without a copy.
@@ -357,32 +400,44 @@ def kernel_arguments(
         w = w.contiguous()
     dot_dtype = _dot_dtype(x, w)
     precision = dot_precision(x.device, dot_dtype, allow_tf32)
-    if normalize:
-        w_scale = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).reciprocal()
-    else:
-        w_scale = torch.ones((k,), dtype=torch.float32, device=w.device)
+
+    def inverse_norms(rows: torch.Tensor) -> torch.Tensor:
+        if normalize:
+            return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).reciprocal()
+        return torch.ones((rows.shape[0],), dtype=torch.float32, device=rows.device)
+
+    w_scale = inverse_norms(w)
     top_v = torch.empty((n, c), dtype=torch.float32, device=x.device)
     top_i = torch.empty((n, c), dtype=torch.int64, device=x.device)
     lse = torch.empty((n,), dtype=torch.float32, device=x.device)
+    if w_neg is None:
+        # Without negatives the kernel never reads these (HAS_NEG is a compile-time False).
+        wn, wn_scale, group_size, groups = w, w_scale, 1, 0
+        lse_neg = torch.empty((n, 0), dtype=torch.float32, device=x.device)
+    else:
+        wn = w_neg.contiguous() if d > 1 and w_neg.stride(1) != 1 else w_neg
+        wn_scale, group_size = inverse_norms(wn), wn.shape[0] // groups
+        lse_neg = torch.empty((n, groups), dtype=torch.float32, device=x.device)
     args = (
-        x, w, w_scale, top_v, top_i, lse, n, k, d,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), inv_temp * _LOG2E,
+        x, w, w_scale, top_v, top_i, lse, wn, wn_scale, lse_neg, n, k, d, groups, group_size,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), wn.stride(0), wn.stride(1), inv_temp * _LOG2E,
     )
     meta = dict(
         C=c, C_PAD=triton.next_power_of_2(c), NORMALIZE=normalize,
         # The interpreter stores bfloat16 as raw uint16 and only converts it explicitly, so there
         # bfloat16 products go through float32 (exact: a bf16 x bf16 product fits in float32).
         UPCAST=x.dtype != w.dtype or (triton.knobs.runtime.interpret and torch.bfloat16 in (x.dtype, w.dtype)),
-        PRECISION=precision,
+        PRECISION=precision, HAS_NEG=w_neg is not None,
     )
     return args, meta, dot_dtype
 
 
 @triton_op(OP_NAME, mutates_args=())
 def _fused_score_state_op(
-    x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool, allow_tf32: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args, meta, dot_dtype = kernel_arguments(x, w, inv_temp, c, normalize, allow_tf32)
+    x: torch.Tensor, w: torch.Tensor, w_neg: torch.Tensor | None, inv_temp: float, c: int, groups: int,
+    normalize: bool, allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args, meta, dot_dtype = kernel_arguments(x, w, inv_temp, c, normalize, allow_tf32, w_neg, groups)
     n = x.shape[0]
     kernel = _kernels()
     if kernel is _autotuned:
@@ -395,17 +450,43 @@ def _fused_score_state_op(
             *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return args[3], args[4], args[5]
+    return args[3], args[4], args[5], args[8]
 
 
 @_fused_score_state_op.register_fake
-def _fused_score_state_fake(x, w, inv_temp, c, normalize, allow_tf32):
+def _fused_score_state_fake(x, w, w_neg, inv_temp, c, groups, normalize, allow_tf32):
     n = x.shape[0]
     return (
         x.new_empty((n, c), dtype=torch.float32),
         x.new_empty((n, c), dtype=torch.int64),
         x.new_empty((n,), dtype=torch.float32),
+        x.new_empty((n, groups if w_neg is not None else 0), dtype=torch.float32),
     )
+
+
+def _check_operands(X: torch.Tensor, W: torch.Tensor, c: int, inv_temp: float, w_name: str = "W") -> None:
+    """What the kernel needs of its operands (values are checked by :func:`deltakern.score`)."""
+    for name, t in (("X", X), (w_name, W)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise InvalidArgument(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise InvalidArgumentType(
+                f"{name} must be float32, float16 or bfloat16 for the Triton kernel, got {t.dtype}"
+            )
+    if X.shape[1] != W.shape[1]:
+        raise InvalidArgument(f"X and {w_name} must share the embedding dimension, got {X.shape[1]} and {W.shape[1]}")
+    if X.device != W.device:
+        raise InvalidArgument(f"X and {w_name} must be on the same device, got {X.device} and {W.device}")
+    if w_name == "W" and (isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= min(MAX_C, W.shape[0])):
+        raise InvalidArgument(f"c must be an integer in [1, min({MAX_C}, K={W.shape[0]})], got {c!r}")
+    if not (isinstance(inv_temp, (int, float)) and math.isfinite(inv_temp) and 0 < inv_temp <= MAX_INV_TEMPERATURE):
+        # Past MAX_INV_TEMPERATURE the base-2 logit scale (inv_temp · log2 e, a float32 argument)
+        # overflows and every logit becomes inf.
+        raise InvalidArgument(
+            f"inv_temp must be finite, > 0 and at most {MAX_INV_TEMPERATURE:.3g}, got {inv_temp!r}", param="inv_temp"
+        )
+    if X.shape[1] == 0:
+        raise InvalidArgument("X and W must have at least one column (D >= 1)", param="X")
 
 
 def fused_score_state(
@@ -428,27 +509,34 @@ def fused_score_state(
     ``allow_tf32`` asks for plain TF32. Values are assumed checked (finite, non-zero rows when
     normalising): :func:`deltakern.score` does that.
     """
-    for name, t in (("X", X), ("W", W)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise InvalidArgument(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise InvalidArgumentType(
-                f"{name} must be float32, float16 or bfloat16 for the Triton kernel, got {t.dtype}"
-            )
-    if X.shape[1] != W.shape[1]:
-        raise InvalidArgument(f"X and W must share the embedding dimension, got {X.shape[1]} and {W.shape[1]}")
-    if X.device != W.device:
-        raise InvalidArgument(f"X and W must be on the same device, got {X.device} and {W.device}")
-    if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= min(MAX_C, W.shape[0]):
-        raise InvalidArgument(f"c must be an integer in [1, min({MAX_C}, K={W.shape[0]})], got {c!r}")
-    if not (isinstance(inv_temp, (int, float)) and math.isfinite(inv_temp) and 0 < inv_temp <= MAX_INV_TEMPERATURE):
-        # Past MAX_INV_TEMPERATURE the base-2 logit scale (inv_temp · log2 e, a float32 argument)
-        # overflows and every logit becomes inf.
-        raise InvalidArgument(
-            f"inv_temp must be finite, > 0 and at most {MAX_INV_TEMPERATURE:.3g}, got {inv_temp!r}", param="inv_temp"
-        )
-    if X.shape[1] == 0:
-        raise InvalidArgument("X and W must have at least one column (D >= 1)", param="X")
+    _check_operands(X, W, c, inv_temp)
     return torch.ops.deltakern.fused_score_state_triton(
-        X, W, float(inv_temp), int(c), bool(normalize), bool(allow_tf32)
+        X, W, None, float(inv_temp), int(c), 1, bool(normalize), bool(allow_tf32)
+    )[:3]
+
+
+def fused_score_neg_state(
+    X: torch.Tensor,
+    W: torch.Tensor,
+    W_neg: torch.Tensor,
+    *,
+    inv_temp: float,
+    c: int,
+    groups: int,
+    normalize: bool,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_score_state` plus the NegLabel groups, in the same launch: the fourth output
+    ``[N, groups]`` float32 holds the log-sum-exp of each row's logits against each of ``groups``
+    consecutive blocks of ``M // groups`` rows of ``W_neg [M, D]`` (``W``'s dtype; ``groups``
+    must divide M)."""
+    _check_operands(X, W, c, inv_temp)
+    _check_operands(X, W_neg, c, inv_temp, w_name="W_neg")
+    if W_neg.dtype != W.dtype:
+        raise InvalidArgumentType(f"W_neg must have W's dtype {W.dtype}, got {W_neg.dtype}", param="W_neg")
+    m = W_neg.shape[0]
+    if isinstance(groups, bool) or not isinstance(groups, int) or not (1 <= groups <= m and m % groups == 0):
+        raise InvalidArgument(f"groups must divide the M={m} rows of W_neg into equal groups, got {groups!r}", param="groups")
+    return torch.ops.deltakern.fused_score_state_triton(
+        X, W, W_neg, float(inv_temp), int(c), int(groups), bool(normalize), bool(allow_tf32)
     )
