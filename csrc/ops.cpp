@@ -15,10 +15,12 @@ TORCH_LIBRARY(deltakern, m) {
   // The CPU kernel checks its own arguments: 2-D float16/bfloat16/float32/float64 x and w with the
   // same D on one device, 1 <= c <= K, finite inv_temp > 0; a NaN/±inf row, a zero row (with
   // normalize) or logits that overflow raise an error naming the row. Any finite non-zero row,
-  // however tiny or huge, is normalised within the accuracy contract.
+  // however tiny or huge, is normalised within the accuracy contract. bf16_products (the
+  // matmul_precision "high"/"medium" setting) lets float32 inputs multiply in bfloat16 on CPUs
+  // with native bf16 (outside the float32 contract; docs/conventions.md §3.4).
   m.def(
-      "fused_score_state(Tensor x, Tensor w, float inv_temp, int c, bool normalize) "
-      "-> (Tensor, Tensor, Tensor)");
+      "fused_score_state(Tensor x, Tensor w, float inv_temp, int c, bool normalize, "
+      "bool bf16_products=False) -> (Tensor, Tensor, Tensor)");
 
   // The same state plus, for NegLabel (docs/conventions.md §2.5), the log-sum-exp of the logits
   // against each of `groups` consecutive, equal blocks of the M rows of w_neg (same dtype as w),
@@ -26,7 +28,7 @@ TORCH_LIBRARY(deltakern, m) {
   // Returns (topk_values [N, c], topk_indices [N, c] int64, lse_outside [N], lse_neg [N, groups]).
   m.def(
       "fused_score_neg_state(Tensor x, Tensor w, Tensor w_neg, float inv_temp, int c, int groups, "
-      "bool normalize) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool normalize, bool bf16_products=False) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // EBM loss forward (docs/conventions.md §6). Per row: logits l = x_hat w_hat^T * inv_temp, target column
   // t (argmax of l when target_pred, ties to the lower class; else the label), the keep mask

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from deltakern.core.constants import BACKENDS, MODES, TRITON_MAX_C
+from deltakern.core.constants import BACKENDS, MATMUL_PRECISIONS, MODES, TRITON_MAX_C
 from deltakern.core.dtypes import SAFE_ROW_EXPONENT, accumulation_dtype, rescale_rows, unit_row_exponents
 from deltakern.core.errors import InvalidArgument
 from deltakern.core.neglabel import negative_group_order, neglabel_log_share
@@ -83,29 +83,30 @@ def resolve_backend(backend: str, device: torch.device | str, c: int = 1) -> str
     return chosen
 
 
-def _state(X, W, negatives, groups, *, temperature, c, normalize, backend, allow_tf32):
+def _state(X, W, negatives, groups, *, temperature, c, normalize, backend, matmul_precision):
     """``(top-c logits, their indices, outside LSE, [N, groups] negative LSEs or None)`` from one
     pass of the chosen backend over X (the negatives, when given, in the same pass)."""
+    reduced = matmul_precision != "highest"
     if backend == "cpp":
         if negatives is None:
-            return (*registry.fused_score_state(X, W, 1.0 / temperature, c, normalize), None)
+            return (*registry.fused_score_state(X, W, 1.0 / temperature, c, normalize, reduced), None)
         if registry.has_kernel("fused_score_neg_state", "CPU"):
-            return registry.fused_score_neg_state(X, W, negatives, 1.0 / temperature, c, groups, normalize)
+            return registry.fused_score_neg_state(X, W, negatives, 1.0 / temperature, c, groups, normalize, reduced)
         # An extension built before the NegLabel op: the ID state fused, the negatives in a
         # second (reference) pass.
-        state = registry.fused_score_state(X, W, 1.0 / temperature, c, normalize)
+        state = registry.fused_score_state(X, W, 1.0 / temperature, c, normalize, reduced)
         return (*state, negative_lse(X, negatives, temperature=temperature, groups=groups, normalize=normalize))
     if backend == "triton":
         from deltakern.ops.triton import fused_score  # lazy: imports triton
 
         if negatives is None:
             state = fused_score.fused_score_state(
-                X, W, inv_temp=1.0 / temperature, c=c, normalize=normalize, allow_tf32=allow_tf32
+                X, W, inv_temp=1.0 / temperature, c=c, normalize=normalize, allow_tf32=reduced
             )
             return (*state, None)
         return fused_score.fused_score_neg_state(
             X, W, negatives, inv_temp=1.0 / temperature, c=c, groups=groups, normalize=normalize,
-            allow_tf32=allow_tf32,
+            allow_tf32=reduced,
         )
     if negatives is None:
         return (*reference.score_state(X, W, temperature=temperature, c=c, normalize=normalize), None)
@@ -138,9 +139,10 @@ def score_modes(
     reset: float = 0.0,
     normalize: bool = True,
     backend: str = "auto",
-    allow_tf32: bool = False,
+    matmul_precision: str = "highest",
     negatives: torch.Tensor | None = None,
     negative_groups: int = 1,
+    allow_tf32: bool | None = None,
 ) -> dict[str, Scores]:
     """Like :func:`score`, for several ΔEnergy modes from ONE pass over the data.
 
@@ -151,11 +153,35 @@ def score_modes(
     # Scores are inference-only on every backend (docs/conventions.md §8.3): no graph is built
     # even when X or W require grad, so the C++ and Triton ops (no backward) and the reference
     # (which would build one) behave alike. dk.ebm_loss is the differentiable objective.
+    matmul_precision = _matmul_precision(matmul_precision, allow_tf32, stacklevel=3)
     with torch.no_grad():
         return _score_modes(
             X, W, modes=modes, temperature=temperature, c=c, reset=reset, normalize=normalize,
-            backend=backend, allow_tf32=allow_tf32, negatives=negatives, negative_groups=negative_groups,
+            backend=backend, matmul_precision=matmul_precision, negatives=negatives,
+            negative_groups=negative_groups,
         )
+
+
+def _matmul_precision(matmul_precision: str, allow_tf32: bool | None, *, stacklevel: int) -> str:
+    """The checked ``matmul_precision``; the deprecated ``allow_tf32`` maps onto it with a warning
+    (True → "high", False → "highest") and may not contradict an explicit setting."""
+    check_choice("matmul_precision", matmul_precision, MATMUL_PRECISIONS)
+    if allow_tf32 is None:
+        return matmul_precision
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    mapped = "high" if allow_tf32 else "highest"
+    warnings.warn(
+        f"allow_tf32 is deprecated and will be removed in the next release; use "
+        f"matmul_precision={mapped!r} (the same on every backend: docs/conventions.md §3.4)",
+        FutureWarning,
+        stacklevel=stacklevel + 1,
+    )
+    if matmul_precision != "highest" and matmul_precision != mapped:
+        raise InvalidArgument(
+            f"allow_tf32={allow_tf32} contradicts matmul_precision={matmul_precision!r}; pass matmul_precision only",
+            param="allow_tf32",
+        )
+    return mapped
 
 
 def _grouped_negatives(negatives: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -166,7 +192,7 @@ def _grouped_negatives(negatives: torch.Tensor, groups: int, dtype: torch.dtype)
 
 
 def _score_modes(
-    X, W, *, modes, temperature, c, reset, normalize, backend, allow_tf32, negatives, negative_groups
+    X, W, *, modes, temperature, c, reset, normalize, backend, matmul_precision, negatives, negative_groups
 ) -> dict[str, Scores]:
     normalize = check_bool("normalize", normalize)
     X, W = check_inputs(X, W, normalize=normalize, rescales_rows=True)
@@ -176,7 +202,6 @@ def _score_modes(
     if isinstance(modes, str) or not modes:
         raise InvalidArgument(f"modes must be a non-empty tuple of {MODES}, got {modes!r}")
     modes = tuple(check_choice("mode", m, MODES) for m in modes)
-    allow_tf32 = check_bool("allow_tf32", allow_tf32)
     if negatives is not None:
         negatives = check_matrix("negatives", negatives)
         check_pair(X, negatives, ("X", "negatives"))
@@ -199,7 +224,7 @@ def _score_modes(
         negatives = None if negatives is None else _within_safe_range(negatives)
     top_v, top_i, outside, lse_neg = _state(
         X, W, negatives, negative_groups, temperature=temperature, c=c, normalize=normalize,
-        backend=chosen, allow_tf32=allow_tf32,
+        backend=chosen, matmul_precision=matmul_precision,
     )
     out_dtype = accumulation_dtype(X, W)
     results = {
@@ -223,9 +248,10 @@ def score(
     mode: str = "separate",
     normalize: bool = True,
     backend: str = "auto",
-    allow_tf32: bool = False,
+    matmul_precision: str = "highest",
     negatives: torch.Tensor | None = None,
     negative_groups: int = 1,
+    allow_tf32: bool | None = None,
 ) -> Scores:
     """Score image embeddings ``X [N, D]`` against class embeddings ``W [K, D]``.
 
@@ -235,8 +261,11 @@ def score(
     ``reset`` is the cosine value the top-c logits are reset to; ``mode`` is ``"separate"``
     (sum of single resets) or ``"joint"`` (reset the top-c together). ``backend`` is
     ``"auto"``, ``"triton"`` (CUDA), ``"cpp"`` (CPU extension) or ``"reference"``.
-    ``allow_tf32`` lets the Triton kernel use plain TF32 for float32 inputs (faster, less
-    exact; see the README). The [N, K] logits matrix is never stored; inputs are not modified.
+    ``matmul_precision`` (as in ``torch.set_float32_matmul_precision``) is ``"highest"``
+    (float32-level accuracy, the default) or ``"high"``/``"medium"``, which let float32 inputs
+    multiply in plain TF32 on CUDA and in bfloat16 on CPUs with native bf16: faster, outside the
+    float32 contract (docs/conventions.md §3.4). ``allow_tf32`` is its deprecated predecessor.
+    The [N, K] logits matrix is never stored; inputs are not modified.
     Scores are inference-only: they are computed without autograd on every backend and carry
     no graph even when ``X`` or ``W`` require grad (use :func:`deltakern.ebm_loss` for a
     differentiable objective). Any finite non-zero row is normalised within the accuracy
@@ -251,7 +280,8 @@ def score(
     check_choice("mode", mode, MODES)
     return score_modes(
         X, W, modes=(mode,), temperature=temperature, c=c, reset=reset, normalize=normalize,
-        backend=backend, allow_tf32=allow_tf32, negatives=negatives, negative_groups=negative_groups,
+        backend=backend, matmul_precision=_matmul_precision(matmul_precision, allow_tf32, stacklevel=2),
+        negatives=negatives, negative_groups=negative_groups,
     )[mode]
 
 

@@ -17,6 +17,10 @@
 //     and output; products of half values are exact in float32). Elsewhere a chunk of x is
 //     converted to float32 in cache and multiplied by the float32 W, which is faster there.
 //     DELTAKERN_CPU_HALF_GEMM=native|float32 forces one or the other (auto by default).
+//   float32 with bf16_products (matmul_precision "high"/"medium"): on a CPU with native bf16, each
+//     chunk of x is rounded to bfloat16 in cache and multiplied by a bfloat16 copy of W with the
+//     same mixed GEMM (norms still come from the float32 rows); elsewhere the float32 GEMM, which
+//     is faster there and exact.
 //
 // Range safety: a dot product of rows as given can under- or overflow where the normalised one
 // would not (a row at 1e-30 times W at 1e-20). A row whose norm lies outside a wide safe range
@@ -37,6 +41,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -131,18 +136,24 @@ bool native_half_cpu(at::ScalarType t) {
 // Whether this call multiplies half inputs in their own dtype: both inputs of the same half
 // dtype, MKL's mixed GEMM linked, sizes within its int arguments, rows with unit column stride,
 // and the native instructions present (or the DELTAKERN_CPU_HALF_GEMM override).
-bool use_native_half(const at::Tensor& x, const at::Tensor& w) {
-  const at::ScalarType t = x.scalar_type();
-  if (t != w.scalar_type() || mixed_gemm(t) == nullptr) return false;
+// With bf16_products, float32 inputs may also use the bfloat16 GEMM (rounded in cache). Returns the
+// dtype the half GEMM multiplies in, or nullopt for the float32/float64 GEMM.
+std::optional<at::ScalarType> half_gemm_dtype(const at::Tensor& x, const at::Tensor& w, bool bf16_products) {
+  const bool rounded = bf16_products && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat;
+  const at::ScalarType t = rounded ? at::kBFloat16 : x.scalar_type();
+  if (!rounded && (t != w.scalar_type())) return std::nullopt;
+  if (mixed_gemm(t) == nullptr) return std::nullopt;
   const char* env = std::getenv("DELTAKERN_CPU_HALF_GEMM");
   const std::string mode = env == nullptr ? "auto" : env;
   TORCH_CHECK(mode == "auto" || mode == "native" || mode == "float32" || mode.empty(),
               "DELTAKERN_CPU_HALF_GEMM must be auto, native or float32, got '", mode, "'");
-  if (mode == "float32") return false;
+  if (mode == "float32") return std::nullopt;
   const int64_t D = x.size(1);
-  const bool layout_ok = D >= 1 && D <= INT_MAX && w.size(0) <= INT_MAX && x.stride(1) == 1 &&
-                         x.stride(0) >= D && x.stride(0) <= INT_MAX;
-  return layout_ok && (mode == "native" || native_half_cpu(t));
+  // Rounded rows are multiplied from a contiguous buffer; half rows are read where they are.
+  const bool layout_ok = D >= 1 && D <= INT_MAX && w.size(0) <= INT_MAX &&
+                         (rounded || (x.stride(1) == 1 && x.stride(0) >= D && x.stride(0) <= INT_MAX));
+  if (layout_ok && (mode == "native" || native_half_cpu(t))) return t;
+  return std::nullopt;
 }
 
 // ---------------------------------------------------------------- norms and prepared W
@@ -326,15 +337,15 @@ struct ClassRows {
   at::Tensor prepared_t;
 
   // Sets up the half-GEMM operand; false when a row's norm is outside the half GEMM's safe range.
-  bool setup_native(bool normalize) {
-    native = given.contiguous();
+  bool setup_native(bool normalize, at::ScalarType half) {
+    native = given.to(half).contiguous();
     if (!normalize) {
       TORCH_CHECK(at::isfinite(given).all().item<bool>(), "fused_score_state: ", name, " holds NaN or ±inf");
       return true;
     }
     const int64_t K = given.size(0);
     std::vector<double> norms(K);
-    row_norms(native.to(at::kFloat), K, norms.data());
+    row_norms(given.to(at::kFloat).contiguous(), K, norms.data());
     check_norms(name, norms.data(), K, 0);
     col_scale.resize(K);
     for (int64_t k = 0; k < K; ++k) col_scale[k] = static_cast<float>(1.0 / norms[k]);
@@ -347,7 +358,8 @@ struct ClassRows {
     prepared_t = prepared.t();
   }
 
-  // logits[rows, K] = a · prepared^T (acc GEMM) or x · native^T in half precision.
+  // logits[rows, K] = a · prepared^T (acc GEMM) or xc · native^T in half precision (xc: the
+  // chunk's rows in native's dtype).
   void multiply(at::Tensor& logits, const at::Tensor& a, const at::Tensor& xc, bool half) const {
     if (!half) {
       at::mm_out(logits, a, prepared_t);
@@ -401,7 +413,7 @@ int64_t reduce_negative_chunk(at::Tensor& logits, int64_t rows, int64_t start, i
 // both class matrices while it is in cache.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& w_neg_in, double inv_temp,
-    int64_t c, int64_t groups, bool normalize) {
+    int64_t c, int64_t groups, bool normalize, bool bf16_products) {
   check_arguments(x_in, w_in, inv_temp, c);
   const bool has_neg = w_neg_in.defined();
   // Scores are computed without autograd: the out= GEMM refuses inputs that require grad, and
@@ -426,10 +438,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
   std::vector<ClassRows> classes;
   classes.push_back(ClassRows{"w", w_in.detach()});
   if (has_neg) classes.push_back(ClassRows{"negatives", w_neg_in.detach()});
-  bool native = !f64 && use_native_half(x, classes[0].given);
+  const std::optional<at::ScalarType> half = f64 ? std::nullopt : half_gemm_dtype(x, classes[0].given, bf16_products);
+  bool native = half.has_value();
   if (native) {
-    for (auto& cls : classes) native = cls.setup_native(normalize) && native;
+    for (auto& cls : classes) native = cls.setup_native(normalize, *half) && native;
   }
+  // float32 rows rounded to bfloat16 for the half GEMM, chunk by chunk in cache.
+  const bool round_x = native && x.scalar_type() != *half;
   if (!native || normalize) {
     for (auto& cls : classes) cls.prepare(acc, normalize);
   }
@@ -444,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
   const int64_t chunk = std::max<int64_t>(1, std::min(cache_rows, (N + threads - 1) / threads));
   const int64_t num_chunks = (N + chunk - 1) / chunk;
   // x as the GEMM reads it directly: its own dtype is the GEMM's, with unit column stride.
-  const bool x_direct = !native && x.scalar_type() == acc && x.stride(1) == 1;
+  const bool x_direct = x.scalar_type() == acc && x.stride(1) == 1;
   const double safe_low = f64 ? kDoubleSafeLow : kFloatSafeLow;
   const double safe_high = f64 ? kDoubleSafeHigh : kFloatSafeHigh;
   const double scale_max = f64 ? DBL_MAX / 4 : FLT_MAX / 4;
@@ -455,6 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
     at::Tensor logits_buf = at::empty({chunk, K}, opts);
     at::Tensor neg_buf = has_neg ? at::empty({chunk, M}, opts) : at::Tensor();
     at::Tensor x_buf;  // converted (and where needed rescaled) rows of x, in acc
+    at::Tensor x_half_buf;  // rows of float32 x rounded for the half GEMM (round_x)
     std::vector<double> norms(chunk);
     std::vector<std::pair<int64_t, int>> rescale;  // (row, e): the row is multiplied by 2^e
     ChunkScales scales;
@@ -518,14 +534,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
       const auto col_scale = [&](const ClassRows& cls) -> const float* {
         return chunk_native && normalize ? cls.col_scale.data() : nullptr;
       };
+      at::Tensor x_half = xc;
+      if (chunk_native && round_x) {
+        if (!x_half_buf.defined()) x_half_buf = at::empty({chunk, D}, x.options().dtype(*half));
+        x_half = x_half_buf.narrow(0, 0, rows);
+        x_half.copy_(xc);
+      }
       at::Tensor logits = logits_buf.narrow(0, 0, rows);
-      classes[0].multiply(logits, a, xc, chunk_native);
+      classes[0].multiply(logits, a, x_half, chunk_native);
       scales.col = col_scale(classes[0]);
       int64_t bad = reduce_chunk(logits, rows, start, c, scales, top_values, idx_ptr, lse_outside);
       const char* against = "";
       if (bad < 0 && has_neg) {
         at::Tensor neg_logits = neg_buf.narrow(0, 0, rows);
-        classes[1].multiply(neg_logits, a, xc, chunk_native);
+        classes[1].multiply(neg_logits, a, x_half, chunk_native);
         scales.col = col_scale(classes[1]);
         bad = reduce_negative_chunk(neg_logits, rows, start, groups, scales, lse_neg);
         against = " against the negatives";
@@ -545,15 +567,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_score_state_cpu(const at::Tensor& x,
                                                                      const at::Tensor& w,
                                                                      double inv_temp, int64_t c,
-                                                                     bool normalize) {
+                                                                     bool normalize, bool bf16_products) {
   auto [top_values, top_indices, lse_outside, unused] =
-      fused_state(x, w, at::Tensor(), inv_temp, c, /*groups=*/1, normalize);
+      fused_state(x, w, at::Tensor(), inv_temp, c, /*groups=*/1, normalize, bf16_products);
   return {top_values, top_indices, lse_outside};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_score_neg_state_cpu(
     const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_neg, double inv_temp, int64_t c,
-    int64_t groups, bool normalize) {
+    int64_t groups, bool normalize, bool bf16_products) {
   check_arguments(x, w, inv_temp, c);
   TORCH_CHECK(w_neg.defined() && w_neg.layout() == at::kStrided && w_neg.dim() == 2,
               "fused_score_neg_state: w_neg must be a dense 2-D tensor [M, D]");
@@ -567,7 +589,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_score_neg_state
   TORCH_CHECK(groups >= 1 && w_neg.size(0) >= groups && w_neg.size(0) % groups == 0,
               "fused_score_neg_state: groups must divide the M = ", w_neg.size(0),
               " rows of w_neg into equal non-empty groups, got groups = ", groups);
-  return fused_state(x, w, w_neg, inv_temp, c, groups, normalize);
+  return fused_state(x, w, w_neg, inv_temp, c, groups, normalize, bf16_products);
 }
 
 }  // namespace

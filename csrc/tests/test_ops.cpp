@@ -21,7 +21,7 @@ void expect(bool ok, const char* what) {
 }
 
 using StateFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                double, int64_t, bool);
+                                                                double, int64_t, bool, bool);
 
 c10::TypedOperatorHandle<StateFn> state_op() {
   return c10::Dispatcher::singleton()
@@ -41,7 +41,7 @@ void check_state(int64_t n, int64_t k, int64_t d, int64_t c, double inv_temp,
   const at::Tensor x_in = x.to(dtype), w_in = w.to(dtype);
   x = x_in.to(at::kDouble);
   w = w_in.to(at::kDouble);
-  auto [values, indices, outside] = state_op().call(x_in, w_in, inv_temp, c, true);
+  auto [values, indices, outside] = state_op().call(x_in, w_in, inv_temp, c, true, false);
   const double tol = (dtype == at::kHalf || dtype == at::kBFloat16) ? 2e-3 : 1e-4;
 
   // Largest magnitude first: the float64 sum of squares of a row at 1e-200 would underflow.
@@ -69,7 +69,7 @@ void check_state(int64_t n, int64_t k, int64_t d, int64_t c, double inv_temp,
 void check_refused(const at::Tensor& x, const at::Tensor& w, double inv_temp, int64_t c,
                    const char* message) {
   try {
-    state_op().call(x, w, inv_temp, c, true);
+    state_op().call(x, w, inv_temp, c, true, false);
     expect(false, message);
   } catch (const c10::Error& e) {
     const bool named = std::string(e.what()).find(message) != std::string::npos;

@@ -13,6 +13,10 @@ MODES = ("separate", "joint")
 TRITON_MAX_C = 16
 #: Autocast precisions of the encoders (image encoding, prompt tuning).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Products of float32 inputs, in the words of torch.set_float32_matmul_precision: "highest" keeps
+# float32-level accuracy (the default); "high" and "medium" allow TF32 on CUDA and bfloat16 GEMMs
+# on CPUs with native bf16 (docs/conventions.md §3.4).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 #: Environment variable: seconds a torchrun process group waits for its peers.
 DIST_TIMEOUT_ENV = "DELTAKERN_DIST_TIMEOUT_S"
 DEFAULT_DIST_TIMEOUT_S = 7200.0

@@ -56,7 +56,7 @@ def _register_all() -> bool:
 
 def _register_score_ops() -> None:
     @torch.library.register_fake("deltakern::fused_score_state")
-    def _fused_score_state_fake(x, w, inv_temp, c, normalize):
+    def _fused_score_state_fake(x, w, inv_temp, c, normalize, bf16_products=False):
         acc = accumulation_dtype(x, w)
         n = x.shape[0]
         return (
@@ -68,7 +68,7 @@ def _register_score_ops() -> None:
     if "deltakern::fused_score_neg_state" in _op_names():
 
         @torch.library.register_fake("deltakern::fused_score_neg_state")
-        def _fused_score_neg_state_fake(x, w, w_neg, inv_temp, c, groups, normalize):
+        def _fused_score_neg_state_fake(x, w, w_neg, inv_temp, c, groups, normalize, bf16_products=False):
             top_v, top_i, outside = _fused_score_state_fake(x, w, inv_temp, c, normalize)
             return top_v, top_i, outside, x.new_empty((x.shape[0], groups), dtype=top_v.dtype)
 
@@ -152,22 +152,24 @@ def registered_ops() -> dict[str, list[str]]:
 
 
 def fused_score_state(
-    x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool
+    x: torch.Tensor, w: torch.Tensor, inv_temp: float, c: int, normalize: bool, bf16_products: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Call the compiled ``deltakern::fused_score_state`` op: ``(top-c logits, their indices,
-    outside log-sum-exp)``."""
+    outside log-sum-exp)``. ``bf16_products`` lets float32 inputs multiply in bfloat16 on CPUs
+    with native bf16 (matmul_precision "high"/"medium")."""
     ensure_registered()
-    return torch.ops.deltakern.fused_score_state(x, w, inv_temp, c, normalize)
+    return torch.ops.deltakern.fused_score_state(x, w, inv_temp, c, normalize, bf16_products)
 
 
 def fused_score_neg_state(
-    x: torch.Tensor, w: torch.Tensor, w_neg: torch.Tensor, inv_temp: float, c: int, groups: int, normalize: bool
+    x: torch.Tensor, w: torch.Tensor, w_neg: torch.Tensor, inv_temp: float, c: int, groups: int, normalize: bool,
+    bf16_products: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Call the compiled ``deltakern::fused_score_neg_state`` op: the three outputs of
     :func:`fused_score_state` and the ``[N, groups]`` log-sum-exps against the negative groups
     (consecutive equal blocks of the rows of ``w_neg``), from one pass over ``x``."""
     ensure_registered()
-    return torch.ops.deltakern.fused_score_neg_state(x, w, w_neg, inv_temp, c, groups, normalize)
+    return torch.ops.deltakern.fused_score_neg_state(x, w, w_neg, inv_temp, c, groups, normalize, bf16_products)
 
 
 def ebm_loss_parts(
