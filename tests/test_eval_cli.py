@@ -431,7 +431,7 @@ def test_eval_negative_labels_and_negatives_exclude_each_other(tmp_path, tiny, c
         ("n_negative above the vocabulary", ["argument --n-negative", "exceeds the 10 usable entries"]),
         ("class names count", ["--class-names lists 6 classes", "K = 7"]),
         ("encoder flags without a vocabulary", ["--model, --pretrained", "only serve --negative-labels"]),
-        ("synthetic", ["--synthetic"]),
+        ("synthetic", ["--synthetic has neither"]),
     ],
 )
 def test_eval_negative_labels_errors_before_the_model_loads(tmp_path, tiny, capsys, monkeypatch, case, words):
@@ -451,7 +451,7 @@ def test_eval_negative_labels_errors_before_the_model_loads(tmp_path, tiny, caps
         argv[argv.index(str(tiny.names))] = str(short)
         argv += ["--n-negative", "4"]
     elif case == "synthetic":
-        argv = ["eval", "--synthetic", "--n", "100", "--k", "5", "--d", "16", "--negative-labels", str(tiny.vocab),
+        argv = ["eval", "--synthetic", "--n", "100", "--k", "5", "--d", "16", "--negative-labels", str(tiny.vocab), "--n-negative", "4",
                 "--model", tiny.model, "--pretrained", "none", "--class-names", str(tiny.names)]  # fmt: skip
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
