@@ -310,3 +310,172 @@ def test_eval_neglabel_row_from_the_same_calls(tmp_path, files, data, capsys):
         want = dk.metrics.ood_metrics(want_id, neglabel64(data[name], data["W"], negatives, temperature=TAU, groups=3))
         assert rows[name]["auroc"] == pytest.approx(want["auroc"], abs=2e-3)
         assert rows[name]["threshold"] == pytest.approx(want["threshold"], rel=1e-4, abs=1e-4)
+
+
+# ---- --negative-labels: NegLabel mined from a vocabulary with the tiny model ------------------
+
+NEG_CLASSES = ["cat", "dog", "bird", "fish", "car", "tree", "boat"]
+# 12 lines, 10 usable: "river" repeats and "Cat" is an ID class
+NEG_VOCAB = ["river", "violin", "cloud", "spoon", "harbour", "Cat", "lamp", "desert", "anchor", "tulip", "river", "comet"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Class embeddings of the tiny random-weight model for NEG_CLASSES ('single' template),
+    image embeddings near them (ID) and random ones (OOD), the class names and a vocabulary."""
+    pytest.importorskip("open_clip")
+    import warnings
+    from types import SimpleNamespace
+
+    from deltakern.clip import zeroshot
+    from deltakern.clip.models import TINY_MODEL, load_model
+
+    root = tmp_path_factory.mktemp("eval_neglabel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_model(TINY_MODEL, "none", device="cpu", seed=0)
+    W = zeroshot.build_class_embeddings(clip.model, clip.tokenizer, NEG_CLASSES, zeroshot.template_preset("single"))
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, len(NEG_CLASSES), (90,), generator=g)
+    X_id = torch.nn.functional.normalize(W[labels] + 0.05 * torch.randn(90, W.shape[1], generator=g), dim=1)
+    X_ood = torch.nn.functional.normalize(torch.randn(70, W.shape[1], generator=g), dim=1)
+    w = SimpleNamespace(root=root, clip=clip, W=W, X_id=X_id, X_ood=X_ood, model=TINY_MODEL,
+                        classes=root / "classes.npy", id=root / "id.npy", ood=root / "ood.npy",
+                        names=root / "names.txt", vocab=root / "vocab.txt")
+    np.save(w.classes, W.numpy())
+    np.save(w.id, X_id.numpy())
+    np.save(w.ood, X_ood.numpy())
+    w.names.write_text("\n".join(NEG_CLASSES) + "\n")
+    w.vocab.write_text("\n".join(NEG_VOCAB) + "\n")
+    return w
+
+
+def neg_argv(w, out, cache, *extra, vocab=True, names=True):
+    return [
+        "eval", "--id", str(w.id), "--classes", str(w.classes), "--ood", f"far={w.ood}",
+        "--temperature", str(TAU), "--c", str(C), "--backend", "reference", "--device", "cpu",
+        "--quiet", "--no-plots", "--out", str(out), "--model", w.model, "--pretrained", "none",
+        "--templates", "single", "--cache-dir", str(cache),
+        *(["--negative-labels", str(w.vocab)] if vocab else []),
+        *(["--class-names", str(w.names)] if names else []), *extra,
+    ]  # fmt: skip
+
+
+def neglabel_rows(out) -> dict:
+    doc = json.loads((out / "metrics.json").read_text())
+    return {r["ood_set"]: r for r in doc["results"] if r["score"] == "neglabel"}
+
+
+def test_eval_negative_labels_row_equals_direct_mining(tmp_path, tiny, capsys):
+    """The NegLabel row of `--negative-labels` is that of dk.score with the negatives that
+    mine_negative_labels gives for the same model, class names, vocabulary, templates and M."""
+    from deltakern.clip import zeroshot
+    from deltakern.clip.negatives import mine_negative_labels
+
+    out = tmp_path / "report"
+    assert cli.main(neg_argv(tiny, out, tmp_path / "cache", "--n-negative", "6", "--negative-groups", "3")) == 0
+    assert "NegLabel" in capsys.readouterr().out
+    # mined again from scratch (its own cache), not read back from the run's cache
+    mined = mine_negative_labels(tiny.clip, NEG_CLASSES, tiny.vocab, 6, zeroshot.template_preset("single"),
+                                 cache_dir=tmp_path / "direct")  # fmt: skip
+    scores = {name: dk.score(X, tiny.W, temperature=TAU, c=C, backend="reference", negatives=mined.embeddings,
+                             negative_groups=3).neglabel for name, X in (("ID", tiny.X_id), ("far", tiny.X_ood))}  # fmt: skip
+    want = dk.metrics.ood_metrics(scores["ID"], scores["far"])
+    rows = neglabel_rows(out)
+    assert set(rows) == {"far"}
+    for key, value in want.items():
+        assert rows["far"][key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+    doc = json.loads((out / "metrics.json").read_text())
+    source = doc["settings"]["negative_labels"]
+    assert source["vocabulary_sha256"] == hashlib.sha256(tiny.vocab.read_bytes()).hexdigest()
+    assert (source["n_negative"], source["negative_groups"], source["usable_vocabulary"]) == (6, 3, 10)
+    assert (source["model"], source["pretrained"], source["templates"]) == (tiny.model, "none", "single")
+    assert source["names"] == mined.names and "Cat" not in source["names"]
+    assert doc["settings"]["negative_groups"] == 3
+    assert doc["inputs"]["negatives"]["shape"] == [6, tiny.W.shape[1]]
+
+
+def test_eval_negative_labels_second_run_reads_the_cache(tmp_path, tiny, monkeypatch):
+    import deltakern.clip.negatives as negatives_module
+
+    cache = tmp_path / "cache"
+    assert cli.main(neg_argv(tiny, tmp_path / "a", cache, "--n-negative", "4")) == 0
+    entries = list(cache.glob("negatives-*.safetensors"))
+    assert len(entries) == 1
+    stamp = entries[0].stat().st_mtime_ns
+
+    def no_mining(*args, **kwargs):
+        raise AssertionError("the negative labels were mined again instead of read from the cache")
+
+    monkeypatch.setattr(negatives_module, "build_class_embeddings", no_mining)
+    monkeypatch.setattr(negatives_module, "cached_class_embeddings", no_mining)
+    assert cli.main(neg_argv(tiny, tmp_path / "b", cache, "--n-negative", "4")) == 0
+    assert list(cache.glob("negatives-*.safetensors")) == entries and entries[0].stat().st_mtime_ns == stamp
+    assert neglabel_rows(tmp_path / "b") == neglabel_rows(tmp_path / "a")
+
+
+def test_eval_negative_labels_and_negatives_exclude_each_other(tmp_path, tiny, capsys):
+    neg = tmp_path / "neg.npy"
+    np.save(neg, np.ones((3, tiny.W.shape[1]), np.float32))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(neg_argv(tiny, tmp_path / "o", tmp_path / "cache", "--negatives", str(neg)))
+    assert exc.value.code == 2
+    assert "error: argument --negatives: not allowed with argument --negative-labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("no class names", ["--negative-labels needs --class-names"]),
+        ("n_negative above the vocabulary", ["argument --n-negative", "exceeds the 10 usable entries"]),
+        ("class names count", ["--class-names lists 6 classes", "K = 7"]),
+        ("encoder flags without a vocabulary", ["--model, --pretrained", "only serve --negative-labels"]),
+        ("synthetic", ["--synthetic has neither"]),
+    ],
+)
+def test_eval_negative_labels_errors_before_the_model_loads(tmp_path, tiny, capsys, monkeypatch, case, words):
+    import deltakern.clip.models as models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    argv = neg_argv(tiny, tmp_path / "o", tmp_path / "cache", names=case != "no class names",
+                    vocab=case != "encoder flags without a vocabulary")  # fmt: skip
+    if case == "n_negative above the vocabulary":
+        argv += ["--n-negative", "11"]
+    elif case == "class names count":
+        short = tmp_path / "names6.txt"
+        short.write_text("\n".join(NEG_CLASSES[:6]) + "\n")
+        argv[argv.index(str(tiny.names))] = str(short)
+        argv += ["--n-negative", "4"]
+    elif case == "synthetic":
+        argv = ["eval", "--synthetic", "--n", "100", "--k", "5", "--d", "16", "--negative-labels", str(tiny.vocab), "--n-negative", "4",
+                "--model", tiny.model, "--pretrained", "none", "--class-names", str(tiny.names)]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (case, err)
+
+
+def test_eval_negative_labels_width_must_match_the_embeddings(tmp_path, tiny, files, capsys):
+    # The synthetic files have D = 16; the tiny model embeds text in 64 dimensions.
+    names = tmp_path / "names12.txt"
+    names.write_text("\n".join(f"class {i}" for i in range(12)) + "\n")
+    argv = ["eval", "--id", str(files["id"]), "--classes", str(files["classes"]), "--ood", f"far={files['far']}",
+            "--negative-labels", str(tiny.vocab), "--n-negative", "3", "--model", tiny.model, "--pretrained", "none",
+            "--class-names", str(names), "--templates", "single", "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--model {tiny.model} --pretrained none embeds text in D = 64" in err and "D = 16" in err
+    assert not list((tmp_path / "cache").glob("negatives-*"))  # refused before mining
+
+
+def test_eval_help_explains_the_negative_label_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--negative-labels VOCAB", "--n-negative", "--negative-groups", "--class-names FILE", "--model",
+                 "--pretrained", "--templates", "--cache-dir"):  # fmt: skip
+        assert flag in text, flag

@@ -141,3 +141,20 @@ def settings_from_args(cls: type, args: argparse.Namespace) -> Any:
     import dataclasses
 
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+TEMPLATES_HELP = (
+    "prompt templates: 'openai' (the 80 CLIP ImageNet templates, default), 'simple' (7), "
+    "'single' ('a photo of a {}.') or a text file with one template per line using {} for the class"
+)
+CACHE_DIR_HELP = (
+    "directory caching zero-shot class embeddings and mined negative labels (default: $DELTAKERN_CACHE/classifiers, "
+    "else $XDG_CACHE_HOME or ~/.cache, then deltakern/classifiers)"
+)
+
+
+def add_text_prompt_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--templates and --cache-dir: how class names become cached text embeddings (the same
+    presets, default and cache as ``deltakern score``)."""
+    p.add_argument("--templates", default="openai", help=TEMPLATES_HELP)
+    p.add_argument("--cache-dir", default=None, help=CACHE_DIR_HELP)

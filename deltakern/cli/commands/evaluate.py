@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deltakern.cli.options import DEVICE_HELP
+from deltakern.cli.options import DEVICE_HELP, add_model_options, add_text_prompt_options
 from deltakern.core.constants import BACKENDS
 from deltakern.core.errors import InvalidArgument
 
@@ -15,6 +15,9 @@ examples:
       --ood inat=inat.npy --ood textures=dtd.safetensors --id-labels imagenet_val_labels.npy \\
       --c 5 --out runs/eval
   deltakern eval --synthetic --n 20000 --k 100 --out runs/synthetic
+  deltakern eval --id val.npy --classes text.npy --ood inat=inat.npy \\
+      --negative-labels words.txt --n-negative 10000 --negative-groups 2 \\
+      --model ViT-B-32 --pretrained openai --class-names classes.txt --templates openai
 
 Files hold [N, D] (embeddings) or [N] (labels) arrays: .npy, .npz, .pt/.pth or .safetensors; a
 file with several arrays takes a key after a colon: feats.safetensors:image.
@@ -52,12 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="an OOD set's image embeddings [M, D]; repeat for several sets")
     src.add_argument("--classes", metavar="PATH", help="class (text) embeddings W [K, D]")
     src.add_argument("--id-labels", metavar="PATH", help="ID class labels [N] (int): adds ID top-1 accuracy")
-    syn = p.add_argument_group("synthetic source (instead of files; the same generator as `deltakern demo`)")
+    syn = p.add_argument_group(
+        "synthetic source (instead of files; the same generator as `deltakern demo`, seeded by --seed)"
+    )
     syn.add_argument("--synthetic", action="store_true", help="evaluate a synthetic CLIP-like set")
     syn.add_argument("--n", type=int, default=100_000, help="synthetic rows, ID + OOD (default 100,000)")
     syn.add_argument("--k", type=int, default=1000, help="synthetic classes (default 1000)")
     syn.add_argument("--d", type=int, default=512, help="synthetic embedding dimension (default 512)")
-    syn.add_argument("--seed", type=int, default=0, help="synthetic seed (default 0)")
     syn.add_argument("--ood-fraction", type=float, default=0.5, help="synthetic share of OOD rows (default 0.5)")
     sc = p.add_argument_group("scoring")
     sc.add_argument("--temperature", type=float, default=0.01, help="τ: logits = cosine / τ (default 0.01)")
@@ -71,11 +75,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--knn-bank", metavar="PATH",
                     help="ID training embeddings [M, D]: adds the kNN baseline score (Sun et al. 2022; faiss when installed)")
     sc.add_argument("--knn-k", type=int, default=50, help="the k of the kNN score (default 50)")
-    sc.add_argument("--negatives", metavar="PATH",
-                    help="negative-label embeddings [M, D] (e.g. mined by deltakern.clip.negatives.mine_negative_labels): "
-                    "adds NegLabel, computed in the same calls as ΔEnergy (docs/conventions.md §2.5)")
-    sc.add_argument("--negative-groups", type=int, default=1, help="NegLabel's negative groups (default 1)")
     sc.add_argument("--chunk-rows", type=int, default=65_536, help="rows scored per call (default 65536)")
+    neg = p.add_argument_group(
+        "NegLabel (adds a row computed in the same calls as ΔEnergy; docs/conventions.md §2.5)"
+    )
+    negative_source = neg.add_mutually_exclusive_group()
+    negative_source.add_argument("--negatives", metavar="PATH",
+                                 help="precomputed negative-label embeddings [M, D], e.g. from "
+                                 "deltakern.clip.negatives.mine_negative_labels")
+    negative_source.add_argument("--negative-labels", metavar="VOCAB",
+                                 help="text file with one candidate word or phrase per line: mines the --n-negative "
+                                 "farthest from the ID classes (cached); needs --model, --pretrained, --class-names")
+    neg.add_argument("--n-negative", type=int, default=10_000,
+                     help="negative labels to mine from --negative-labels (default 10000)")
+    neg.add_argument("--negative-groups", type=int, default=1,
+                     help="groups the negatives are split into, NegLabel's grouping (default 1)")
+    enc = p.add_argument_group("text encoder of --negative-labels (the one that embedded --classes)")
+    add_model_options(enc, required=False)
+    # One --seed serves the synthetic generator and the random weights of --pretrained none: the
+    # two never meet, since --synthetic refuses --negative-labels.
+    next(a for a in enc._group_actions if a.dest == "seed").help = (
+        "seed of --synthetic's generator and of the random weights of --pretrained none (default 0)"
+    )
+    enc.add_argument("--class-names", metavar="FILE",
+                     help="ID class names, one per line in the row order of --classes (required with --negative-labels)")
+    add_text_prompt_options(enc)
     me = p.add_argument_group("metrics and output")
     me.add_argument("--tpr", type=float, default=0.95, help="TPR of the FPR column (default 0.95)")
     me.add_argument("--positive", default="id", choices=["id", "ood"],
@@ -151,6 +175,82 @@ def _load_synthetic(args) -> tuple:
     return data.W, sets, labels, inputs
 
 
+def _plan_negative_labels(args):
+    """What ``--negative-labels`` will mine, read and checked before any embeddings or weights
+    load (None without the flag): a :class:`deltakern.pipeline.classes.NegativePlan`."""
+    from deltakern.clip import zeroshot
+    from deltakern.core.validation import check_classnames, check_int_range
+    from deltakern.data.text import read_lines
+    from deltakern.pipeline.classes import ClassPlan, plan_negatives
+
+    encoder_flags = [flag for flag, given in (
+        ("--model", args.model), ("--pretrained", args.pretrained), ("--class-names", args.class_names),
+        ("--templates", args.templates != "openai"), ("--cache-dir", args.cache_dir),
+    ) if given]  # fmt: skip
+    if not args.negative_labels:
+        if encoder_flags:
+            raise InvalidArgument(f"{', '.join(encoder_flags)} only serve --negative-labels, which is not given")
+        return None
+    if args.synthetic:
+        raise InvalidArgument("--negative-labels needs ID class names and their text encoder; --synthetic has neither")
+    missing = [flag for flag, value in (
+        ("--model", args.model), ("--pretrained", args.pretrained), ("--class-names", args.class_names),
+    ) if not value]  # fmt: skip
+    if missing:
+        raise InvalidArgument(f"--negative-labels needs {', '.join(missing)} (the text encoder and ID class names to mine with)")
+    check_int_range("n_negative", args.n_negative, 1, 1 << 30)
+    check_int_range("negative_groups", args.negative_groups, 1, args.n_negative)
+    names = check_classnames(read_lines(args.class_names, name="class_names"), "class_names")
+    preset = args.templates in zeroshot.TEMPLATE_PRESETS
+    templates = list(zeroshot.template_preset(args.templates) if preset else read_lines(args.templates, name="templates"))
+    plan = ClassPlan(names=names, templates=templates, prompts=None, identity={})
+    return plan_negatives(args, plan)
+
+
+def _mine(args, plan, W, device) -> tuple:
+    """(mined negative embeddings [M, D] on ``device``, what metrics.json records of them)."""
+    from deltakern.cli.options import plain_warnings
+    from deltakern.clip.models import check_model, load_model, weights_identity
+    from deltakern.clip.negatives import DEFAULT_PERCENTILE
+    from deltakern.data.arrays import file_sha256
+    from deltakern.runtime import autocast_dtype, resolve_precision
+
+    if len(plan.id_names) != W.shape[0]:
+        raise InvalidArgument(
+            f"--class-names lists {len(plan.id_names)} classes but --classes has K = {W.shape[0]} rows; "
+            "give one name per row, in the same order"
+        )
+    check_model(args.model, args.pretrained)
+    plain_warnings("eval")
+    clip = load_model(args.model, args.pretrained, device=device, seed=args.seed)
+    # Checked before mining, which may embed a large vocabulary.
+    if clip.embed_dim != W.shape[1]:
+        raise InvalidArgument(
+            f"--model {args.model} --pretrained {args.pretrained} embeds text in D = {clip.embed_dim} dimensions but "
+            f"--classes and the image embeddings have D = {W.shape[1]}; give the encoder that made them"
+        )
+    precision = resolve_precision("auto", device)  # what `deltakern score` uses by default
+    mined = plan.mine(clip, cache_dir=args.cache_dir, seed=args.seed, autocast_dtype=autocast_dtype(precision))
+    record = {
+        "vocabulary": str(args.negative_labels),
+        "vocabulary_sha256": file_sha256(args.negative_labels),
+        "usable_vocabulary": len(plan.vocabulary),
+        "n_negative": args.n_negative,
+        "negative_groups": args.negative_groups,
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "weights": weights_identity(args.pretrained),
+        "seed": args.seed,
+        "templates": args.templates,
+        "class_names": str(args.class_names),
+        "percentile": DEFAULT_PERCENTILE,
+        "precision": precision,
+        **plan.identity,
+        "names": mined.names,
+    }
+    return mined.embeddings.float().to(device), record
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -160,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     from deltakern.runtime import resolve_device
     from deltakern.scoring import resolve_backend
 
+    negative_plan = _plan_negative_labels(args)
     W, sets, labels, inputs = _load_synthetic(args) if args.synthetic else _load_files(args)
     device = resolve_device(args.device)
     W = W.to(device)
@@ -177,6 +278,13 @@ def run(args: argparse.Namespace) -> int:
         negatives = load_embeddings(args.negatives, name="--negatives", dim=W.shape[1]).to(device)
         path = split_key(args.negatives)[0]
         inputs["negatives"] = _info(negatives, path=str(path), sha256=file_sha256(path))
+        extra_scores.append("neglabel")
+    negative_labels = None
+    if negative_plan is not None:
+        negatives, negative_labels = _mine(args, negative_plan, W, device)
+        inputs["negatives"] = _info(negatives, source="mined from --negative-labels", sha256=_tensor_sha256(negatives))
+        print(f"NegLabel: {negatives.shape[0]} negative labels mined from {args.negative_labels} "
+              f"({len(negative_plan.vocabulary)} usable entries), {args.negative_groups} group(s)")
         extra_scores.append("neglabel")
     for name, X in sets.items():
         columns[name] = score_columns(
@@ -215,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
                 "mcm_temperature": args.mcm_temperature, "backend": backend, "device": str(device),
                 "tpr": args.tpr, "positive": args.positive,
                 "knn_k": args.knn_k if args.knn_bank else None,
-                "negative_groups": args.negative_groups if args.negatives else None,
+                "negative_groups": args.negative_groups if negatives is not None else None,
+                "negative_labels": negative_labels,
             },
             "inputs": inputs,
         }
