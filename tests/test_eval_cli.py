@@ -185,6 +185,26 @@ def test_eval_non_default_settings_against_the_float64_oracle(tmp_path, files, d
         assert row["auroc"] == pytest.approx(want["auroc"], abs=2e-3), what
 
 
+def test_eval_matmul_precision_reaches_the_scores(tmp_path, files, monkeypatch):
+    """--matmul-precision medium with the bfloat16 GEMM forced (DELTAKERN_CPU_HALF_GEMM=native)
+    scores with bf16 products: other thresholds than highest's, and the setting is recorded."""
+    if "cpp" not in dk.available_backends("cpu"):
+        pytest.skip("needs the compiled CPU op")
+    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "native")
+    docs = {}
+    for precision in ("highest", "medium"):
+        out = tmp_path / precision
+        argv = ["eval", "--id", str(files["id"]), "--classes", str(files["classes"]), "--ood", f"far={files['far']}",
+                "--backend", "cpp", "--matmul-precision", precision, "--quiet", "--no-plots", "--out", str(out)]
+        assert cli.main(argv) == 0
+        docs[precision] = json.loads((out / "metrics.json").read_text())
+        assert docs[precision]["settings"]["matmul_precision"] == precision
+    thresholds = {p: {row["score"]: row["threshold"] for row in d["results"]} for p, d in docs.items()}
+    assert thresholds["highest"].keys() == thresholds["medium"].keys()
+    for score, value in thresholds["highest"].items():  # every score, not only one of the calls
+        assert thresholds["medium"][score] != value, score
+
+
 def test_eval_positive_ood_changes_the_fpr_column(tmp_path, files, capsys):
     assert run_eval(files, tmp_path / "o", "--positive", "ood", "--no-plots", "--c", "1") == 0
     assert "(OOD+)" in capsys.readouterr().out

@@ -114,11 +114,13 @@ def score_columns(
     progress: bool = True,
     negatives: torch.Tensor | None = None,
     negative_groups: int = 1,
+    matmul_precision: str = "highest",
 ) -> dict[str, torch.Tensor]:
     """Score ``X [N, D]`` against ``W [K, D]`` and return every score column (see module doc).
 
     With ``negatives [M, D]`` (negative-label embeddings) the ``"neglabel"`` column comes from the
-    same calls (docs/conventions.md §2.5).
+    same calls (docs/conventions.md §2.5). ``matmul_precision`` is :func:`deltakern.score`'s
+    (docs/conventions.md §3.4).
 
     Rows are processed in chunks of ``chunk_rows`` with a progress bar; results are float32 on
     the CPU (``"pred"`` int64). ``X`` stays where it is; each chunk is moved to ``W``'s device.
@@ -137,9 +139,9 @@ def score_columns(
         block = (X[start : start + chunk_rows] if X.dim() else X).to(W.device)
         modes = score_modes(
             block, W, temperature=temperature, c=c, reset=reset, backend=backend, negatives=negatives,
-            negative_groups=negative_groups,
+            negative_groups=negative_groups, matmul_precision=matmul_precision,
         )
-        mcm_block = mcm(block, W, temperature=mcm_temperature, backend=backend)
+        mcm_block = mcm(block, W, temperature=mcm_temperature, backend=backend, matmul_precision=matmul_precision)
         for name, value in columns_from_scores(modes["separate"], modes["joint"], mcm_block).items():
             parts.setdefault(name, []).append(value.cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from deltakern.cli.options import DEVICE_HELP, add_model_options, add_text_prompt_options
-from deltakern.core.constants import BACKENDS
+from deltakern.core.constants import BACKENDS, MATMUL_PRECISIONS
 from deltakern.core.errors import InvalidArgument
 
 EXAMPLE = """\
@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--mcm-temperature", type=float, default=1.0, help="MCM's own softmax temperature (default 1.0)")
     sc.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="scoring backend (default auto: Triton on CUDA, C++ on CPU)")
+    sc.add_argument("--matmul-precision", default="highest", choices=MATMUL_PRECISIONS,
+                    help="float32 products, as torch.set_float32_matmul_precision: highest (default, float32 "
+                    "accuracy); high/medium allow TF32 on CUDA and bf16 GEMMs on CPUs with native bf16")
     sc.add_argument("--device", default="auto", help=DEVICE_HELP)
     sc.add_argument("--knn-bank", metavar="PATH",
                     help="ID training embeddings [M, D]: adds the kNN baseline score (Sun et al. 2022; faiss when installed)")
@@ -291,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
             X, W, temperature=args.temperature, c=args.c, reset=args.reset, backend=backend,
             mcm_temperature=args.mcm_temperature, chunk_rows=args.chunk_rows,
             desc=f"scoring {name} ({X.shape[0]:,} rows)", progress=not args.quiet,
-            negatives=negatives, negative_groups=args.negative_groups,
+            negatives=negatives, negative_groups=args.negative_groups, matmul_precision=args.matmul_precision,
         )
     if args.knn_bank:
         from deltakern.data.arrays import file_sha256, load_embeddings, split_key
@@ -321,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
             "settings": {
                 "temperature": args.temperature, "c": args.c, "reset": args.reset,
                 "mcm_temperature": args.mcm_temperature, "backend": backend, "device": str(device),
+                "matmul_precision": args.matmul_precision,
                 "tpr": args.tpr, "positive": args.positive,
                 "knn_k": args.knn_k if args.knn_bank else None,
                 "negative_groups": args.negative_groups if negatives is not None else None,
