@@ -330,3 +330,152 @@ def test_bad_arguments(work, tmp_path, capsys):
         load_model("ViT-B-32", "no-such-tag")
     with pytest.raises(ValueError, match="model must be an open_clip architecture"):
         load_model("ViT-Z-99", "none")
+
+
+# -- decode workers and torch threads, JPEG draft, GPU decoding ---------------------------------------
+
+from deltakern.pipeline import parallelism  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "cores, device, expected",
+    [
+        (1, "cpu", (1, 1)), (2, "cpu", (1, 2)), (4, "cpu", (1, 4)), (7, "cpu", (1, 7)), (8, "cpu", (2, 8)),
+        (16, "cpu", (4, 16)), (64, "cpu", (8, 64)), (96, "cpu", (8, 96)),
+        (1, "cuda", (1, None)), (2, "cuda", (2, None)), (16, "cuda", (8, None)),
+    ],
+)  # fmt: skip
+def test_workers_and_threads_rule(cores, device, expected):
+    chosen = parallelism.choose_parallelism(cores, device)
+    assert (chosen.workers, chosen.torch_threads) == expected
+    assert chosen.rule == f"{'cpu' if device == 'cpu' else 'gpu'}-auto"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("workers", [0, 3, 12])
+def test_explicit_workers_win(device, workers):
+    chosen = parallelism.choose_parallelism(2, device, workers)
+    assert chosen == parallelism.Parallelism(workers, None, "explicit")
+    with pytest.raises(ValueError, match="workers"):
+        parallelism.choose_parallelism(2, device, -1)
+    with pytest.raises(ValueError, match="cores"):
+        parallelism.choose_parallelism(0, device)
+
+
+def without_workers_flag(argv: list[str]) -> list[str]:
+    i = argv.index("--workers")
+    return argv[:i] + argv[i + 2 :]
+
+
+def test_default_workers_and_threads_are_applied_and_recorded(work, tmp_path):
+    before = torch.get_num_threads()
+    loaders, thread_calls = [], []
+    real_loader, real_set = torch.utils.data.DataLoader, torch.set_num_threads
+
+    def loader(*args, **kwargs):
+        loaders.append(kwargs["num_workers"])
+        return real_loader(*args, **kwargs)
+
+    def set_threads(n):
+        thread_calls.append(n)
+        real_set(n)
+
+    out = tmp_path / "auto" / "scores.parquet"
+    with mock.patch("deltakern.pipeline.score.available_cores", return_value=8), \
+            mock.patch("torch.utils.data.DataLoader", loader), mock.patch("torch.set_num_threads", set_threads):  # fmt: skip
+        assert run_cli(without_workers_flag(score_args(work, out))) == 0
+    # 8 cores on a CPU run: 2 decode workers, torch on all 8 cores while streaming, then restored.
+    assert loaders == [2] and thread_calls == [8, before] and torch.get_num_threads() == before
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["parallelism"] == {"workers": 2, "torch_threads": 8, "rule": "cpu-auto"}
+
+    loaders.clear(), thread_calls.clear()
+    out = tmp_path / "explicit" / "scores.parquet"
+    with mock.patch("deltakern.pipeline.score.available_cores", return_value=8), \
+            mock.patch("torch.utils.data.DataLoader", loader), mock.patch("torch.set_num_threads", set_threads):  # fmt: skip
+        assert run_cli(score_args(work, out, workers=0)) == 0
+    assert loaders == [0] and thread_calls == []  # as given; torch's threads left alone
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["parallelism"] == {"workers": 0, "torch_threads": before, "rule": "explicit"}
+    # The run's identity does not include them: a rerun with other workers resumes.
+    assert run_cli(without_workers_flag(score_args(work, out))) == 0
+
+
+@pytest.fixture(scope="module")
+def large_jpegs(tmp_path_factory):
+    """JPEGs at least twice the tiny model's 32-pixel input (so the draft reduces them) and a PNG."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("large")
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        pixels = rng.integers(0, 256, size=(150 + 10 * i, 200, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"img{i}.{'png' if i == 5 else 'jpg'}", quality=90)
+    return root
+
+
+def test_jpeg_draft_default_identity_and_opt_out(work, large_jpegs, tmp_path, capsys):
+    calls = []
+    real = data.request_jpeg_draft
+
+    def spy(img, min_side):
+        fmt, reduced = img.format, real(img, min_side)
+        calls.append((fmt, min_side, reduced))
+        return reduced
+
+    def run(out, *extra):
+        argv = score_args(work, out, source=["--images", str(large_jpegs)], extra=extra)
+        with mock.patch.object(data, "request_jpeg_draft", spy):
+            return run_cli(argv)
+
+    on = tmp_path / "on" / "scores.parquet"
+    assert run(on) == 0
+    # Asked with the model's input side; every JPEG reduced, the PNG left alone.
+    assert calls == [("JPEG", 32, True)] * 5 + [("PNG", 32, False)]
+    manifest = json.loads(on.with_suffix(".manifest.json").read_text())
+    assert manifest["args"]["jpeg_draft"] is True and "jpeg_draft" in manifest["preprocessing"]
+    calls.clear()
+    off = tmp_path / "off" / "scores.parquet"
+    assert run(off, "--no-jpeg-draft") == 0
+    assert calls == []
+    manifest = json.loads(off.with_suffix(".manifest.json").read_text())
+    assert "jpeg_draft" not in manifest["args"] and "jpeg_draft" not in manifest["preprocessing"]
+    # The draft changes pixels, so the embeddings move a little, and a run cannot switch halfway.
+    rows_on, rows_off = pq.read_table(on).to_pydict(), pq.read_table(off).to_pydict()
+    assert rows_on["id"] == rows_off["id"] and rows_on["energy"] != rows_off["energy"]
+    capsys.readouterr()
+    assert run(on, "--no-jpeg-draft") == 2 and "jpeg" in capsys.readouterr().err.lower()
+    assert run(off) == 2 and "jpeg" in capsys.readouterr().err.lower()
+
+
+def test_gpu_decode_needs_cuda(work, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    capsys.readouterr()
+    assert run_cli(score_args(work, tmp_path / "g.parquet", extra=("--gpu-decode",))) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-decode" in err and "CUDA" in err
+
+
+def embed(clip, work, **kwargs):
+    from deltakern.pipeline.engine import embed_shards
+    from deltakern.runtime import make_runtime
+
+    shards = data.open_source(str(work.images)).plan(SHARD)
+    got = list(embed_shards(clip, shards, make_runtime("cpu"), batch_size=5, workers=0, progress=False, **kwargs))
+    return torch.cat([g.embeddings for g in got]), [i for g in got for i in g.ids], [e for g in got for e in g.errors]
+
+
+def test_device_decoding_path_gives_the_cpu_path_embeddings(work):
+    # The gpu_decode path run on the CPU (torchvision's CPU JPEG decoder): the same images, ids
+    # and failures as the worker path, embeddings equal up to libjpeg's rounding.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_model(TINY_MODEL, "none")
+    with torch.inference_mode():
+        X_cpu, ids_cpu, errors_cpu = embed(clip, work)
+        X_dev, ids_dev, errors_dev = embed(clip, work, gpu_decode=True)
+    assert ids_dev == ids_cpu == work.ids and errors_dev == errors_cpu
+    cos = torch.nn.functional.cosine_similarity(X_dev, X_cpu, dim=1)
+    assert cos.min() > 0.999, cos.min()

@@ -49,11 +49,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "resumed; webdataset sources use one shard per tar",
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    from deltakern.pipeline.parallelism import RULE_HELP
+
     p.add_argument(
         "--workers",
         type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="DataLoader worker processes decoding images (default: min(8, CPU count); 0 decodes in the main process)",
+        default=None,
+        help=f"DataLoader worker processes decoding images; 0 decodes in the main process ({RULE_HELP}; "
+        "the choice is recorded in the manifest's parallelism)",
     )
     p.add_argument(
         "--device", default="auto", help=DEVICE_HELP
@@ -76,6 +79,20 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         dest="exif_transpose",
         action="store_false",
         help="keep images as stored instead of applying their EXIF orientation tag (applied by default)",
+    )
+    p.add_argument(
+        "--jpeg-draft",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode JPEGs of at least twice the model's input size at 1/2, 1/4 or 1/8 scale in the DCT domain, "
+        "never below the input size on either side, before the model's own resize and crop (default on: several "
+        "times faster on large photos; it changes the pixels slightly, so a resumed run must keep the same choice)",
+    )
+    p.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="CUDA runs: decode JPEG files in batches on the GPU (nvJPEG) and resize them there; other formats, and "
+        "JPEGs nvJPEG refuses, are decoded on the CPU (default off: the GPU resize differs slightly from PIL's)",
     )
 
 

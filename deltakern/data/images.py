@@ -265,16 +265,56 @@ def _reason(exc: BaseException) -> str:
     return _ADDRESS.sub("", str(exc)).strip() or type(exc).__name__
 
 
-def decoding_rules(*, exif_transpose: bool = True) -> dict[str, Any]:
+JPEG_DRAFT_RULE = (
+    "JPEG files at least twice the model's input size on both sides are decoded at 1/2, 1/4 or 1/8 "
+    "scale (DCT-domain downscaling), never below the input size on either side"
+)
+
+
+GPU_DECODE_RULE = (
+    "JPEG files decoded by nvJPEG on the GPU and preprocessed there with torch's antialiased resize "
+    "(deltakern.data.gpu_jpeg); other formats and JPEGs nvJPEG refuses as on the CPU"
+)
+
+
+def decoding_rules(*, exif_transpose: bool = True, jpeg_draft: bool = False, gpu_decode: bool = False) -> dict[str, Any]:
     """What :func:`decode_image` does to every image, for the manifest's ``preprocessing``."""
-    return {"exif_transpose": bool(exif_transpose), **DECODE_RULES}
+    rules: dict[str, Any] = {"exif_transpose": bool(exif_transpose), **DECODE_RULES}
+    if jpeg_draft:  # absent when off: the manifests of runs without it stay as they were
+        rules["jpeg_draft"] = JPEG_DRAFT_RULE
+    if gpu_decode:
+        rules["gpu_decode"] = GPU_DECODE_RULE
+    return rules
 
 
-def decode_image(data: bytes, *, exif_transpose: bool = True) -> Any:
+def request_jpeg_draft(img: Any, min_side: int) -> bool:
+    """Ask the JPEG decoder of the opened, not yet loaded ``img`` for a DCT-domain reduced size
+    (1/2, 1/4 or 1/8) whose width and height both stay >= ``min_side``; True when it reduces.
+
+    Both sides, not just the short one: CLIP's preprocessing resizes the short side to the
+    input size and then center-crops, and the reduction must leave that final resampling to
+    it. Rotation by the EXIF tag afterwards swaps the sides, which keeps both >= ``min_side``.
+    Anything but a JPEG (or MPO, a JPEG with extra frames) is left untouched.
+    """
+    from PIL import JpegImagePlugin
+
+    if not isinstance(img, JpegImagePlugin.JpegImageFile):
+        return False
+    w, h = img.size
+    if min(w, h) < 2 * min_side:  # no reduction possible: keep the plain decoder set-up
+        return False
+    before = img.size
+    img.draft(None, (min_side, min_side))  # PIL picks the largest scale keeping both sides >= these
+    return img.size != before
+
+
+def decode_image(data: bytes, *, exif_transpose: bool = True, draft_size: int | None = None) -> Any:
     """Decode encoded image bytes into an RGB ``PIL.Image`` following :data:`DECODE_RULES`.
 
     With ``exif_transpose`` the EXIF orientation tag is applied (a phone photo stored rotated
-    comes out upright). Raises :class:`ImageDecodeError` with a stable, specific reason
+    comes out upright). With ``draft_size`` (the model's input side), a large JPEG is decoded
+    at a reduced scale whose sides both stay >= ``draft_size`` (:func:`request_jpeg_draft`);
+    None decodes at full size. Raises :class:`ImageDecodeError` with a stable, specific reason
     ("empty file (0 bytes)", "not a recognised image format", "truncated JPEG: ...") for
     anything that is not a decodable image; PIL's own warnings are not shown (one line per image
     in the manifest instead of a flood on the terminal).
@@ -296,6 +336,8 @@ def decode_image(data: bytes, *, exif_transpose: bool = True) -> Any:
             with Image.open(io.BytesIO(data)) as img:
                 fmt = img.format or fmt
                 img.seek(0)  # the first frame of an animated GIF/WebP/PNG
+                if draft_size is not None:
+                    request_jpeg_draft(img, draft_size)
                 img.load()  # decode now: truncated files fail here
                 if exif_transpose:
                     img = ImageOps.exif_transpose(img)
@@ -357,10 +399,13 @@ class DecodeDataset(torch.utils.data.Dataset):
     a run.
     """
 
-    def __init__(self, items: Sequence[ImageItem], preprocess: Callable, *, exif_transpose: bool = True):
+    def __init__(
+        self, items: Sequence[ImageItem], preprocess: Callable, *, exif_transpose: bool = True, draft_size: int | None = None
+    ):
         self.items = items
         self.preprocess = preprocess
         self.exif_transpose = exif_transpose
+        self.draft_size = draft_size  # decode_image's: the model's input side, or None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -373,7 +418,7 @@ class DecodeDataset(torch.utils.data.Dataset):
             # The path is in the record's source; strerror keeps the reason the same everywhere.
             return i, None, f"cannot read file: {exc.strerror or _reason(exc)}", time.perf_counter() - start
         try:
-            rgb = decode_image(data, exif_transpose=self.exif_transpose)
+            rgb = decode_image(data, exif_transpose=self.exif_transpose, draft_size=self.draft_size)
         except ImageDecodeError as exc:  # a file that cannot be decoded is data, not a crash
             return i, None, str(exc), time.perf_counter() - start
         # Outside the try: an error in preprocessing is a bug (of the model's transform or of

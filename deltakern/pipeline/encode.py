@@ -10,6 +10,7 @@ import torch
 from deltakern.core.errors import InvalidArgumentType
 from deltakern.data.atomic import write_json
 from deltakern.data.rundir import RUN_FILE, RunDir
+from deltakern.pipeline.decoding import check_gpu_decode, decode_identity
 from deltakern.pipeline.engine import (
     ShardEmbeddings,
     all_records,
@@ -21,6 +22,7 @@ from deltakern.pipeline.engine import (
     pending_shards,
     process_shards,
 )
+from deltakern.pipeline.parallelism import available_cores, choose_parallelism, torch_threads
 from deltakern.pipeline.settings import FEATURE_DTYPES, EncodeSettings
 from deltakern.runtime import make_runtime, sum_timings
 
@@ -51,9 +53,12 @@ def run_encode(settings: EncodeSettings, *, progress: bool = True) -> dict[str, 
     check_model(s.model, s.pretrained)
     shards = source.plan(s.shard_size)
     rt = make_runtime(s.device, s.precision, s.dist_backend)
+    par = choose_parallelism(available_cores(), rt.device.type, s.workers)
+    parallelism = par.describe()
     run = RunDir(s.out, "features", ".safetensors")
     what = f"the encode run in {run.path}"
     try:
+        check_gpu_decode(s, rt)
         args = {
             "task": "encode",
             "model": s.model,
@@ -67,6 +72,7 @@ def run_encode(settings: EncodeSettings, *, progress: bool = True) -> dict[str, 
             "device": rt.device.type,
             "exif_transpose": s.exif_transpose,
         }
+        args.update(decode_identity(s))
 
         def clean() -> None:
             for name in ("features-*", "manifest.json", RUN_FILE):
@@ -87,10 +93,11 @@ def run_encode(settings: EncodeSettings, *, progress: bool = True) -> dict[str, 
                     write_feature_shard(run.output(shard.index), X.to(FEATURE_DTYPES[s.dtype]), shard.ids, shard.sources)
 
             stream = embed_shards(
-                clip, pending, rt, batch_size=s.batch_size, workers=s.workers, progress=progress,
-                exif_transpose=s.exif_transpose,
+                clip, pending, rt, batch_size=s.batch_size, workers=par.workers, progress=progress,
+                exif_transpose=s.exif_transpose, jpeg_draft=s.jpeg_draft, gpu_decode=s.gpu_decode,
             )  # fmt: skip
-            stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
+            with torch_threads(par.torch_threads):
+                stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
 
             def finalize(total: dict[str, Any]) -> dict[str, Any]:
                 records = all_records(run, shards)
@@ -99,7 +106,7 @@ def run_encode(settings: EncodeSettings, *, progress: bool = True) -> dict[str, 
                     "version": MANIFEST_VERSION,
                     "args": args,
                     "model": clip.describe(),
-                    "preprocessing": decoding_rules(exif_transpose=s.exif_transpose),
+                    "preprocessing": decoding_rules(exif_transpose=s.exif_transpose, jpeg_draft=s.jpeg_draft, gpu_decode=s.gpu_decode),
                     "embed_dim": clip.embed_dim,
                     "dtype": s.dtype,
                     "normalized": True,
@@ -108,11 +115,12 @@ def run_encode(settings: EncodeSettings, *, progress: bool = True) -> dict[str, 
                     "shards": [{"index": r["index"], "file": r["file"], "rows": r["rows"]} for r in records],
                     "errors": [e for r in records for e in r["errors"]],
                     "timing": sum_timings([r["timing"] for r in records]),
+                    "parallelism": parallelism,  # this run's decode workers and torch threads
                     "last_run": total,
                 }
                 write_json(run.path / "manifest.json", manifest)
                 return {"rows": manifest["count"], "images": manifest["images"], "errors": len(manifest["errors"])}
 
-            return finish(rt, stats, finalize)
+            return {**finish(rt, stats, finalize), "parallelism": parallelism}
     finally:
         rt.close()

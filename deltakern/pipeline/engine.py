@@ -65,6 +65,12 @@ class ShardEmbeddings:
     timer: SectionTimer = field(repr=False)
 
 
+def model_input_side(clip: Any) -> int:
+    """The longest side of the model's input (224 for ViT-B-32): the size a JPEG draft must keep."""
+    size = getattr(clip.model.visual, "preprocess_cfg", {}).get("size") or clip.model.visual.image_size
+    return int(max(size)) if isinstance(size, (tuple, list)) else int(size)
+
+
 def embed_shards(
     clip: Any,
     shards: Sequence[Any],
@@ -74,11 +80,17 @@ def embed_shards(
     workers: int,
     progress: bool,
     exif_transpose: bool = True,
+    jpeg_draft: bool = False,
+    gpu_decode: bool = False,
 ) -> Iterator[ShardEmbeddings]:
     """Decode (DataLoader workers) and encode the images of ``shards``, yielding shard by shard.
 
     One DataLoader spans all shards, so workers keep prefetching across shard boundaries; no
-    batch spans two shards. Images that fail to decode are reported in ``errors``.
+    batch spans two shards. Images that fail to decode are reported in ``errors``. With
+    ``jpeg_draft`` large JPEGs are decoded at a reduced scale that keeps both sides at least
+    the model's input side (:func:`deltakern.data.images.request_jpeg_draft`). With
+    ``gpu_decode`` the workers only read JPEG files and this process decodes them in batches on
+    ``rt.device`` (:mod:`deltakern.data.gpu_jpeg`); other formats stay on the workers.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -89,11 +101,25 @@ def embed_shards(
         return
     items_per_shard = [s.list_items() for s in shards]
     flat = [item for items in items_per_shard for item in items]
+    draft_size = model_input_side(clip) if jpeg_draft else None
+    finish_on_device: Callable[[Any], Any] | None = None
+    if gpu_decode:
+        from deltakern.data import gpu_jpeg
+
+        dataset: DecodeDataset = gpu_jpeg.JpegPassthroughDataset(flat, clip.preprocess, exif_transpose=exif_transpose,
+                                                                 draft_size=draft_size)
+        collate: Callable = gpu_jpeg.collate_passthrough
+        tensor_preprocess = gpu_jpeg.TensorPreprocess.from_config(clip.model.visual.preprocess_cfg)
+
+        def finish_on_device(batch: Any) -> Any:
+            return gpu_jpeg.finish_batch(batch, rt.device, tensor_preprocess, clip.preprocess, exif_transpose=exif_transpose)
+    else:
+        dataset, collate = DecodeDataset(flat, clip.preprocess, exif_transpose=exif_transpose, draft_size=draft_size), collate_decoded
     loader = DataLoader(
-        DecodeDataset(flat, clip.preprocess, exif_transpose=exif_transpose),
+        dataset,
         batch_sampler=shard_batches([len(items) for items in items_per_shard], batch_size),
         num_workers=workers,
-        collate_fn=collate_decoded,
+        collate_fn=collate,
         pin_memory=rt.device.type == "cuda",
     )
     bar = tqdm(
@@ -112,6 +138,8 @@ def embed_shards(
                 t0 = time.perf_counter()
                 batch = next(batches)
                 timer.add("data_wait_s", time.perf_counter() - t0)
+                if finish_on_device is not None:  # JPEGs decoded here, on the device; decode_s includes it
+                    batch = finish_on_device(batch)
                 timer.add("decode_s", batch.decode_s)
                 for position, error in batch.failed:
                     bad = flat[position]

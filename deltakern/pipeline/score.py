@@ -17,6 +17,7 @@ from deltakern.data.atomic import write_json
 from deltakern.data.features import open_features, read_feature_shard
 from deltakern.data.rundir import RunDir
 from deltakern.pipeline.classes import class_embeddings, plan_classes, plan_negatives
+from deltakern.pipeline.decoding import check_gpu_decode, decode_identity
 from deltakern.pipeline.encode import MANIFEST_VERSION
 from deltakern.pipeline.engine import (
     ShardEmbeddings,
@@ -30,6 +31,7 @@ from deltakern.pipeline.engine import (
     pending_shards,
     process_shards,
 )
+from deltakern.pipeline.parallelism import available_cores, choose_parallelism, torch_threads
 from deltakern.pipeline.parquet import merge_parts, output_paths, scores_schema, scores_table, write_parquet_atomic
 from deltakern.pipeline.settings import ScoreSettings
 from deltakern.runtime import make_runtime, sum_timings
@@ -89,12 +91,20 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
     c = check_int_range("c", s.c, 1, plan.count)
     negatives = plan_negatives(s, plan)
     check_model(model, pretrained)
-    preprocessing = None if feature_manifest is not None else decoding_rules(exif_transpose=s.exif_transpose)
+    preprocessing = (
+        None
+        if feature_manifest is not None
+        else decoding_rules(exif_transpose=s.exif_transpose, jpeg_draft=s.jpeg_draft, gpu_decode=s.gpu_decode)
+    )
 
     rt = make_runtime(s.device, s.precision, s.dist_backend)
+    par = choose_parallelism(available_cores(), rt.device.type, s.workers)
+    parallelism = par.describe()
     run = RunDir(parts_dir, "part", ".parquet")
     what = f"the score run for {out_path}"
     try:
+        if preprocessing is not None:
+            check_gpu_decode(s, rt)
         chosen_backend = scoring.resolve_backend(s.backend, rt.device, c)
         args = {
             "task": "score",
@@ -114,6 +124,7 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
         }
         if preprocessing is not None:
             args["exif_transpose"] = s.exif_transpose
+            args.update(decode_identity(s))
 
         def clean() -> None:
             remove_stale_temporaries(parts_dir)
@@ -145,8 +156,8 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
                 stream = feature_stream(pending, rt, read_feature_shard, progress)
             else:
                 stream = embed_shards(
-                    clip, pending, rt, batch_size=s.batch_size, workers=s.workers, progress=progress,
-                    exif_transpose=s.exif_transpose,
+                    clip, pending, rt, batch_size=s.batch_size, workers=par.workers, progress=progress,
+                    exif_transpose=s.exif_transpose, jpeg_draft=s.jpeg_draft, gpu_decode=s.gpu_decode,
                 )  # fmt: skip
 
             def write_shard(shard: ShardEmbeddings) -> None:
@@ -156,7 +167,8 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
                     table = scores_table(shard.ids, shard.sources, result, plan.names, c, neglabel=mined is not None)
                     write_parquet_atomic(table, run.output(shard.index))
 
-            stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
+            with torch_threads(par.torch_threads):
+                stats = process_shards(stream, run, write_shard, skipped=skipped, setup_s=setup_s, start=start)
 
             def finalize(total: dict[str, Any]) -> dict[str, Any]:
                 records = all_records(run, shards)
@@ -182,11 +194,12 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
                     "parts": [{"index": r["index"], "file": f"{parts_dir.name}/{r['file']}", "rows": r["rows"]} for r in records],
                     "errors": errors,
                     "timing": sum_timings([r["timing"] for r in records]),
+                    "parallelism": parallelism,  # this run's decode workers and torch threads
                     "last_run": total,
                 }
                 write_json(manifest_path, manifest)
                 return {"rows": manifest["rows"], "images": images, "errors": len(errors)}
 
-            return finish(rt, stats, finalize)
+            return {**finish(rt, stats, finalize), "parallelism": parallelism}
     finally:
         rt.close()
