@@ -27,6 +27,7 @@ import torch
 pytest.importorskip("open_clip")
 pq = pytest.importorskip("pyarrow.parquet")
 
+import deltakern as dk  # noqa: E402
 from deltakern import cli  # noqa: E402
 from deltakern.clip import models, zeroshot  # noqa: E402
 from deltakern.clip.models import TINY_MODEL, load_model  # noqa: E402
@@ -418,6 +419,29 @@ def test_mode_reset_c_temperature_reach_the_scores(work, features32, tmp_path):
         assert_indices_match(torch.tensor(rows["topk_indices"]), expected["topk_indices"], expected["logits"], torch.float32)
         args = manifest_of(out)["args"]
         assert (args["mode"], args["reset"], args["c"], args["temperature"]) == (mode, reset, c, temperature)
+
+
+def test_matmul_precision_reaches_the_scores_and_names_the_run(work, features32, tmp_path, capsys, monkeypatch):
+    """--matmul-precision medium with the bfloat16 GEMM forced: other scores than the default
+    run's, named in the run's arguments (a resume with another setting is refused); the
+    default leaves the arguments as they were before the setting existed."""
+    if "cpp" not in dk.available_backends("cpu"):
+        pytest.skip("needs the compiled CPU op")
+    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "native")
+    rows = {}
+    for precision in ("highest", "medium"):
+        out = tmp_path / precision / "scores.parquet"
+        argv = score_args(work, out, "--backend", "cpp", "--matmul-precision", precision,
+                          source=["--features", str(features32)])  # fmt: skip
+        assert run_cli(argv) == 0
+        rows[precision] = pq.read_table(out).to_pydict()
+        args = manifest_of(out)["args"]
+        assert args.get("matmul_precision") == (None if precision == "highest" else precision)
+    assert rows["highest"]["energy"] != rows["medium"]["energy"]
+    capsys.readouterr()
+    argv = score_args(work, tmp_path / "medium" / "scores.parquet", "--backend", "cpp", source=["--features", str(features32)])
+    assert run_cli(argv) == 2
+    assert "matmul_precision" in capsys.readouterr().err
 
 
 def test_encode_resumes_and_refuses_other_arguments(work, features32, tmp_path, capsys):

@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Any
 
-from deltakern.core.constants import BACKENDS, MODES, PRECISIONS
+from deltakern.core.constants import BACKENDS, MATMUL_PRECISIONS, MODES, PRECISIONS
 
 DEVICE_HELP = "cpu, cuda or cuda:N (default auto: cuda when available, cuda:LOCAL_RANK under torchrun, else cpu)"
 
@@ -97,7 +97,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_score_options(p: argparse.ArgumentParser, *, c_help: str = "number of top classes ΔEnergy resets (default 1)") -> None:
-    """--c/--temperature/--reset/--mode/--backend of :func:`deltakern.score`."""
+    """--c/--temperature/--reset/--mode/--backend/--matmul-precision of :func:`deltakern.score`."""
     p.add_argument("--c", type=int, default=1, help=c_help)
     p.add_argument("--temperature", type=float, default=0.01, help="softmax temperature τ (default 0.01 = logit scale 100)")
     p.add_argument("--reset", type=float, default=0.0, help="cosine value the top-c logits are reset to (default 0.0)")
@@ -108,6 +108,13 @@ def add_score_options(p: argparse.ArgumentParser, *, c_help: str = "number of to
         default="auto",
         help="scoring backend (default auto: triton on CUDA, the C++ kernel on CPU, else the reference)",
     )
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest", help=MATMUL_PRECISION_HELP)
+
+
+MATMUL_PRECISION_HELP = (
+    "float32 products, as torch.set_float32_matmul_precision: highest (default, float32 accuracy); "
+    "high/medium allow TF32 on CUDA and bf16 GEMMs on CPUs with native bf16 (faster, cosines within ~1e-3/8e-3)"
+)
 
 
 def is_main_process() -> bool:

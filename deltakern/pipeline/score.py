@@ -119,6 +119,8 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
             "reset": s.reset,
             "mode": s.mode,
             "backend": chosen_backend,
+            # Named only when reduced, so runs made before the setting existed keep their identity.
+            **({"matmul_precision": s.matmul_precision} if s.matmul_precision != "highest" else {}),
             "precision": rt.precision,
             "device": rt.device.type,
         }
@@ -149,7 +151,8 @@ def run_score(settings: ScoreSettings, *, progress: bool = True) -> dict[str, An
                 if X.shape[0] == 0:
                     return None
                 return scoring.score(
-                    X, W, temperature=s.temperature, c=c, reset=s.reset, mode=s.mode, backend=chosen_backend, **negative_kwargs
+                    X, W, temperature=s.temperature, c=c, reset=s.reset, mode=s.mode, backend=chosen_backend,
+                    matmul_precision=s.matmul_precision, **negative_kwargs,
                 )
 
             if feature_manifest is not None:

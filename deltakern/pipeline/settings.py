@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from deltakern.core.constants import BACKENDS, MODES, PRECISIONS
+from deltakern.core.constants import BACKENDS, MATMUL_PRECISIONS, MODES, PRECISIONS
 from deltakern.core.errors import InvalidArgument
 from deltakern.core.validation import check_bool, check_choice, check_finite_number, check_int_range, check_positive
 
@@ -96,7 +96,8 @@ class ScoreSettings(RunOptions):
 
     Exactly one of ``images`` and ``features``. Class embeddings come from ``classes`` (a text
     file of names) or ``imagenet`` with ``templates``, or from a prompt checkpoint ``prompts``.
-    ``c``, ``temperature``, ``reset``, ``mode`` and ``backend`` are :func:`deltakern.score`'s.
+    ``c``, ``temperature``, ``reset``, ``mode``, ``backend`` and ``matmul_precision`` are
+    :func:`deltakern.score`'s.
     """
 
     out: str
@@ -113,6 +114,7 @@ class ScoreSettings(RunOptions):
     reset: float = 0.0
     mode: str = "separate"
     backend: str = "auto"
+    matmul_precision: str = "highest"
     cache_dir: str | None = None
     # NegLabel: a vocabulary file to mine n_negative negative labels from, split into
     # negative_groups groups (docs/conventions.md §2.5); adds the parquet's neglabel column
@@ -145,5 +147,6 @@ class ScoreSettings(RunOptions):
         self._set("reset", check_finite_number("reset", self.reset))
         check_choice("mode", self.mode, MODES)
         check_choice("backend", self.backend, BACKENDS)
+        check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         check_int_range("n_negative", self.n_negative, 1, 1 << 30)
         check_int_range("negative_groups", self.negative_groups, 1, self.n_negative)

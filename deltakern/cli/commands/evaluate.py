@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deltakern.cli.options import DEVICE_HELP, add_model_options, add_text_prompt_options
+from deltakern.cli.options import DEVICE_HELP, MATMUL_PRECISION_HELP, add_model_options, add_text_prompt_options
 from deltakern.core.constants import BACKENDS, MATMUL_PRECISIONS
 from deltakern.core.errors import InvalidArgument
 
@@ -71,9 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--mcm-temperature", type=float, default=1.0, help="MCM's own softmax temperature (default 1.0)")
     sc.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="scoring backend (default auto: Triton on CUDA, C++ on CPU)")
-    sc.add_argument("--matmul-precision", default="highest", choices=MATMUL_PRECISIONS,
-                    help="float32 products, as torch.set_float32_matmul_precision: highest (default, float32 "
-                    "accuracy); high/medium allow TF32 on CUDA and bf16 GEMMs on CPUs with native bf16")
+    sc.add_argument("--matmul-precision", default="highest", choices=MATMUL_PRECISIONS, help=MATMUL_PRECISION_HELP)
     sc.add_argument("--device", default="auto", help=DEVICE_HELP)
     sc.add_argument("--knn-bank", metavar="PATH",
                     help="ID training embeddings [M, D]: adds the kNN baseline score (Sun et al. 2022; faiss when installed)")
