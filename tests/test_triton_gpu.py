@@ -12,7 +12,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from oracle import assert_close_contract, assert_indices_match, confident_rows, logits64, scores64  # noqa: E402
+from oracle import (  # noqa: E402
+    assert_close_contract,
+    assert_indices_match,
+    confident_rows,
+    logits64,
+    neglabel64,
+    scores64,
+)
 
 import deltakern as dk  # noqa: E402
 from deltakern.ops.triton import interpreter_active  # noqa: E402
@@ -143,6 +150,23 @@ def test_row_offsets_beyond_int32(fused):
         assert_indices_match(got_i[rows], want["topk_indices"], want["logits"], torch.bfloat16)
         outside = want["logits"].scatter(1, want["topk_indices"], float("-inf")).logsumexp(1)
         assert_close_contract(got_lse[rows], outside, torch.bfloat16, f"lse_outside {rows}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c,groups", [(1, 1), (3, 4)])
+def test_negative_groups_on_the_gpu(fused, dtype, c, groups):
+    """NegLabel's negative groups from the same launch, with the GPU tile configs: each group's
+    log-sum-exp against float64, the ID outputs equal to the launch without negatives, and
+    dk.score's neglabel against the float64 definition."""
+    X, W = make_inputs(4099, 1000, 512, seed=11 + c, dtype=dtype)
+    N = make_inputs(10_000, 1, 512, seed=12 + c, dtype=dtype)[0]
+    *id_state, lse_neg = fused.fused_score_neg_state(X, W, N, inv_temp=100.0, c=c, groups=groups, normalize=True)
+    for got, want in zip(id_state, fused.fused_score_state(X, W, inv_temp=100.0, c=c, normalize=True)):
+        assert torch.equal(got, want)
+    want = torch.logsumexp(logits64(X, N, 0.01).view(X.shape[0], groups, -1), dim=2)
+    assert_close_contract(lse_neg, want, dtype, "lse_neg")
+    got = dk.score(X, W, c=c, negatives=N, negative_groups=groups, backend="triton").neglabel
+    assert_close_contract(got, neglabel64(X, W, N, temperature=0.01, groups=groups), dtype, "neglabel")
 
 
 def test_memory_stays_linear_in_rows(fused):
