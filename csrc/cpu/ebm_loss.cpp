@@ -165,11 +165,12 @@ RowCoefficients row_coefficients(const at::Tensor& grad_ce, const at::Tensor& gr
 // Everything after the logits: the mask (false on the mask_count largest products, a stable
 // descending sort keeping the lower dimension first among equal products, true elsewhere), the
 // edited cosine, and ce and delta from the per-row log-sum-exps. Plain ATen on [N, D] and [N].
+// The unit class rows are w_hat's rows times w_scale (per class; undefined: 1).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-finish_forward(const at::Tensor& x_hat, const at::Tensor& w_hat, const at::Tensor& y,
-               const at::Tensor& target, const at::Tensor& lse, const at::Tensor& lse_other,
-               const at::Tensor& label_logit, double inv_temp, double reset, int64_t mask_count,
-               bool ce_edited) {
+finish_forward(const at::Tensor& x_hat, const at::Tensor& w_hat, const at::Tensor& w_scale,
+               const at::Tensor& y, const at::Tensor& target, const at::Tensor& lse,
+               const at::Tensor& lse_other, const at::Tensor& label_logit, double inv_temp,
+               double reset, int64_t mask_count, bool ce_edited) {
   const int64_t N = x_hat.size(0), D = x_hat.size(1);
   auto opts = x_hat.options();
   at::Tensor keep = at::empty({N, D}, opts.dtype(at::kBool));
@@ -177,7 +178,9 @@ finish_forward(const at::Tensor& x_hat, const at::Tensor& w_hat, const at::Tenso
   for (int64_t start = 0; start < N; start += kMaskChunkRows) {
     const int64_t rows = std::min(kMaskChunkRows, N - start);
     const at::Tensor t = target.narrow(0, start, rows);
-    const at::Tensor product = x_hat.narrow(0, start, rows) * w_hat.index_select(0, t);
+    at::Tensor w_rows = w_hat.index_select(0, t);
+    if (w_scale.defined()) w_rows.mul_(w_scale.index_select(0, t).unsqueeze(1));
+    const at::Tensor product = x_hat.narrow(0, start, rows) * w_rows;
     const at::Tensor order = std::get<1>(at::sort(product, /*stable=*/true, /*dim=*/1,
                                                   /*descending=*/true));
     at::Tensor keep_rows = keep.narrow(0, start, rows);
@@ -246,8 +249,8 @@ forward_driver(const at::Tensor& x, const at::Tensor& w, const at::Tensor& label
                 "x or w, or x.w * inv_temp overflows ", acc, ")");
   }
 
-  return finish_forward(x_hat, w_hat, y, target, lse, lse_other, label_logit, inv_temp, reset,
-                        mask_count, ce_edited);
+  return finish_forward(x_hat, w_hat, at::Tensor(), y, target, lse, lse_other, label_logit,
+                        inv_temp, reset, mask_count, ce_edited);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_driver(
@@ -364,11 +367,11 @@ double range_sum_exp_f32(const float* row, int64_t begin, int64_t end, float shi
   return sum;
 }
 
-// row[k] *= scale over [0, n).
+// row[k] *= factor[k] over [0, n).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void scale_f32(float* row, int64_t n, float scale) {
+void scale_cols_f32(float* row, const float* factor, int64_t n) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) row[k] *= scale;
+  for (int64_t k = 0; k < n; ++k) row[k] *= factor[k];
 }
 
 #if DK_LOSS_AVX2
@@ -451,9 +454,9 @@ double range_sum_exp(const float* r, int64_t b, int64_t e, float s) {
 double range_sum_exp(const double* r, int64_t b, int64_t e, double s) {
   return range_sum_exp_f64(r, b, e, s);
 }
-void scale(float* r, int64_t n, double s) { scale_f32(r, n, static_cast<float>(s)); }
-void scale(double* r, int64_t n, double s) {
-  for (int64_t k = 0; k < n; ++k) r[k] *= s;
+void scale_cols(float* r, const float* f, int64_t n) { scale_cols_f32(r, f, n); }
+void scale_cols(double* r, const double* f, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) r[k] *= f[k];
 }
 
 double logaddexp(double a, double b) {
@@ -481,55 +484,122 @@ void for_each_thread(int64_t threads, const F& work) {
 
 // ---------------------------------------------------------------- prepared rows
 
-// v in acc as a new tensor (the caller's is never written) with unit rows when normalising, and
-// every row's L2 norm in `norms` (1 without normalising). The norms are robust: a float row's
-// sum of squares is accumulated in double, where the square of every finite float (subnormals
-// included) is normal; a double row is scaled by its largest entry first. Rows with a zero or
-// non-finite norm are refused.
-at::Tensor unit_rows(const char* op, const char* name, const at::Tensor& v, at::ScalarType acc,
-                     bool normalize, std::vector<double>& norms) {
+// Robust L2 norms of the rows of v (acc, contiguous): a float row's sum of squares accumulated in
+// double, where the square of every finite float (subnormals included) is normal; a double row
+// scaled by its largest entry first (row_reduce.h). Rows with a zero or non-finite norm are
+// refused.
+void robust_norms(const char* op, const char* name, const at::Tensor& v, std::vector<double>& norms) {
   const int64_t R = v.size(0), D = v.size(1);
   norms.assign(R, 1.0);
-  if (!normalize) return v.to(acc).contiguous();  // read only below
-  at::Tensor out = at::empty({R, D}, v.options().dtype(acc));
-  out.copy_(v);
   std::atomic<int64_t> first_bad{R};
-  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      if (acc == at::kDouble) {
-        double* row = out.data_ptr<double>() + r * D;
-        const double n = deltakern::cpu::norm_f64(row, D);
-        norms[r] = n;
-        if (!(n > 0.0 && n < kInf)) {
-          record_min(first_bad, r);
-          continue;
-        }
-        if (n > 0x1p-1000 && n < 0x1p1000) {
-          const double inv = 1.0 / n;
-          for (int64_t d = 0; d < D; ++d) row[d] *= inv;
-        } else {  // 1/n is past double's range: bring the row near 1 by a power of two first
-          const int e = -std::ilogb(n);
-          const double inv = 1.0 / std::ldexp(n, e);
-          for (int64_t d = 0; d < D; ++d) row[d] = std::ldexp(row[d], e) * inv;
-        }
-      } else {
-        float* row = out.data_ptr<float>() + r * D;
-        const double n = std::sqrt(deltakern::cpu::sum_squares_f32(row, D));
-        norms[r] = n;
-        if (!(n > 0.0 && n < kInf)) {
-          record_min(first_bad, r);
-          continue;
-        }
-        const double inv = 1.0 / n;  // in double: 1/|row| of a subnormal row is past float's range
-        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(static_cast<double>(row[d]) * inv);
-      }
+      const double n = v.scalar_type() == at::kDouble
+                           ? deltakern::cpu::norm_f64(v.data_ptr<double>() + r * D, D)
+                           : std::sqrt(deltakern::cpu::sum_squares_f32(v.data_ptr<float>() + r * D, D));
+      norms[r] = n;
+      if (!(n > 0.0 && n < kInf)) record_min(first_bad, r);
     }
   });
   const int64_t bad = first_bad.load();
   TORCH_CHECK(bad == R, op, ": row ", bad, " of ", name, " has a ",
               norms[bad] == 0.0 ? "zero" : "non-finite", " L2 norm (normalize=True needs finite, ",
               "non-zero rows)");
+}
+
+// A new tensor holding the rows of v (acc, contiguous) divided by their norms, the factor in
+// double: 1/|row| of a subnormal float row is past float's range, and a float64 row that far
+// out is first brought near 1 by an exact power of two.
+at::Tensor unit_copy(const at::Tensor& v, const std::vector<double>& norms) {
+  const int64_t R = v.size(0), D = v.size(1);
+  at::Tensor out = at::empty_like(v);
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const double n = norms[r];
+      if (v.scalar_type() == at::kDouble) {
+        const double* in = v.data_ptr<double>() + r * D;
+        double* row = out.data_ptr<double>() + r * D;
+        if (n > 0x1p-1000 && n < 0x1p1000) {
+          const double inv = 1.0 / n;
+          for (int64_t d = 0; d < D; ++d) row[d] = in[d] * inv;
+        } else {
+          const int e = -std::ilogb(n);
+          const double inv = 1.0 / std::ldexp(n, e);
+          for (int64_t d = 0; d < D; ++d) row[d] = std::ldexp(in[d], e) * inv;
+        }
+      } else {
+        const float* in = v.data_ptr<float>() + r * D;
+        float* row = out.data_ptr<float>() + r * D;
+        const double inv = 1.0 / n;
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(static_cast<double>(in[d]) * inv);
+      }
+    }
+  });
   return out;
+}
+
+// Rows as the GEMMs read them, with per-row factors. The unit row v_hat_r is gemm_r * scale[r];
+// the gradient with respect to v_r is (u - v_hat (v_hat . u)) * post[r], where u is the gradient
+// with respect to gemm_r's unit row times scale[r] (what the GEMMs on `gemm` produce).
+//   - x (and W whose norms are unsafe for a GEMM as given): gemm = unit rows, scale = 1,
+//     post = 1/|v_r|: one [rows, D] copy;
+//   - W whose norms lie in a safe range: gemm = W as given (no copy when it is already in acc and
+//     contiguous), scale = 1/|w_k| applied in the epilogues, post = 1;
+//   - without normalising: gemm = the rows as given, scale = post = 1.
+struct PreparedRows {
+  at::Tensor gemm;
+  std::vector<double> scale, post;
+  bool scaled = false;  // scale holds 1/|v_r| (W as given)
+};
+
+// Norms for which a float GEMM on rows as given is exact to the contract (csrc/cpu/fused_score.cpp):
+// products that underflow are then below 2^-60 of the dot product's scale, nothing can overflow.
+constexpr double kFloatSafeLow = 0x1p-60, kFloatSafeHigh = 0x1p60;
+constexpr double kDoubleSafeLow = 0x1p-500, kDoubleSafeHigh = 0x1p500;
+
+PreparedRows prepare(const char* op, const char* name, const at::Tensor& v, at::ScalarType acc,
+                     bool normalize, bool as_given_if_safe, double inv_temp) {
+  const int64_t R = v.size(0);
+  PreparedRows p;
+  p.scale.assign(R, 1.0);
+  p.post.assign(R, 1.0);
+  const at::Tensor rows = v.to(acc).contiguous();  // read only: may be the caller's tensor
+  if (!normalize) {
+    p.gemm = rows;
+    return p;
+  }
+  std::vector<double> norms;
+  robust_norms(op, name, rows, norms);
+  const bool f64 = acc == at::kDouble;
+  const double low = f64 ? kDoubleSafeLow : kFloatSafeLow, high = f64 ? kDoubleSafeHigh : kFloatSafeHigh;
+  const double factor_max = (f64 ? std::numeric_limits<double>::max()
+                                 : static_cast<double>(std::numeric_limits<float>::max())) / 4;
+  const bool safe = as_given_if_safe && std::all_of(norms.begin(), norms.end(), [&](double n) {
+                      return n >= low && n <= high && inv_temp / n <= factor_max;
+                    });
+  if (safe) {
+    p.gemm = rows;
+    for (int64_t r = 0; r < R; ++r) p.scale[r] = 1.0 / norms[r];
+    p.scaled = true;
+  } else {
+    p.gemm = unit_copy(rows, norms);
+    for (int64_t r = 0; r < R; ++r) p.post[r] = 1.0 / norms[r];
+  }
+  return p;
+}
+
+// The per-class factors of the epilogues in T: logit = product * (inv_temp * scale[k]), and the
+// gradient's column factor scale[k].
+template <typename T>
+void class_factors(const PreparedRows& w, double inv_temp, std::vector<T>& logit_factor,
+                   std::vector<T>& grad_factor) {
+  const int64_t K = static_cast<int64_t>(w.scale.size());
+  logit_factor.resize(K);
+  grad_factor.resize(K);
+  for (int64_t k = 0; k < K; ++k) {
+    logit_factor[k] = static_cast<T>(inv_temp * w.scale[k]);
+    grad_factor[k] = static_cast<T>(w.scale[k]);
+  }
 }
 
 // Rows per row block and classes per class block for N rows and K classes: at most the
@@ -618,8 +688,8 @@ void forward_block(const T* blk, int64_t k0, int64_t kb, int64_t label, bool tar
 }
 
 template <typename T>
-void forward_typed(const at::Tensor& x_hat, const at::Tensor& w_hat, const at::Tensor& y,
-                   double inv_temp, bool target_pred, at::Tensor& target, at::Tensor& lse,
+void forward_typed(const at::Tensor& x_hat, const at::Tensor& w_hat, const T* logit_factor,
+                   const at::Tensor& y, bool target_pred, at::Tensor& target, at::Tensor& lse,
                    at::Tensor& lse_other, at::Tensor& label_logit, int64_t& first_bad_row) {
   const int64_t N = x_hat.size(0), K = w_hat.size(0);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -645,7 +715,7 @@ void forward_typed(const at::Tensor& x_hat, const at::Tensor& w_hat, const at::T
         at::mm_out(tile, x_rows, w_hat.narrow(0, k0, kb).t());
         T* p = tile.data_ptr<T>();
         for (int64_t r = 0; r < rows; ++r) {
-          scale(p + r * kb, kb, inv_temp);
+          scale_cols(p + r * kb, logit_factor + k0, kb);
           forward_block(p + r * kb, k0, kb, yp[start + r], target_pred, states[r]);
         }
       }
@@ -683,9 +753,10 @@ ebm_loss_forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::T
   at::NoGradGuard no_grad;
   const at::Tensor x = x_in.detach(), w = w_in.detach();
   const at::ScalarType acc = accumulation_type(x, w);
-  std::vector<double> x_norms, w_norms;
-  const at::Tensor x_hat = unit_rows(op, "x", x, acc, normalize, x_norms);
-  const at::Tensor w_hat = unit_rows(op, "w", w, acc, normalize, w_norms);
+  const PreparedRows xp = prepare(op, "x", x, acc, normalize, /*as_given_if_safe=*/false, inv_temp);
+  const PreparedRows wp = prepare(op, "w", w, acc, normalize, /*as_given_if_safe=*/true, inv_temp);
+  const at::Tensor& x_hat = xp.gemm;
+  const at::Tensor& w_gemm = wp.gemm;
 
   auto opts = x_hat.options();
   at::Tensor target = at::empty({N}, opts.dtype(at::kLong));
@@ -693,16 +764,23 @@ ebm_loss_forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::T
   at::Tensor lse_other = at::empty({N}, opts);
   at::Tensor label_logit = at::empty({N}, opts);
   int64_t bad = -1;
-  if (acc == at::kDouble)
-    forward_typed<double>(x_hat, w_hat, y, inv_temp, target_pred, target, lse, lse_other,
-                          label_logit, bad);
-  else
-    forward_typed<float>(x_hat, w_hat, y, inv_temp, target_pred, target, lse, lse_other,
-                         label_logit, bad);
+  if (acc == at::kDouble) {
+    std::vector<double> logit_factor, unused;
+    class_factors(wp, inv_temp, logit_factor, unused);
+    forward_typed<double>(x_hat, w_gemm, logit_factor.data(), y, target_pred, target, lse,
+                          lse_other, label_logit, bad);
+  } else {
+    std::vector<float> logit_factor, unused;
+    class_factors(wp, inv_temp, logit_factor, unused);
+    forward_typed<float>(x_hat, w_gemm, logit_factor.data(), y, target_pred, target, lse,
+                         lse_other, label_logit, bad);
+  }
   TORCH_CHECK(bad < 0, op, ": row ", bad, " has non-finite logits (NaN or infinity in x or w, or ",
               "x.w * inv_temp overflows ", acc, ")");
-  return finish_forward(x_hat, w_hat, y, target, lse, lse_other, label_logit, inv_temp, reset,
-                        mask_count, ce_edited);
+  const at::Tensor w_scale =
+      wp.scaled ? at::tensor(wp.scale, at::TensorOptions().dtype(at::kDouble)).to(acc) : at::Tensor();
+  return finish_forward(x_hat, w_gemm, w_scale, y, target, lse, lse_other, label_logit,
+                        inv_temp, reset, mask_count, ce_edited);
 }
 
 // ---------------------------------------------------------------- backward
@@ -724,24 +802,28 @@ struct GradRow {
   double lse, lse_edited, a, b, label_grad;  // a, b, label_grad times inv_temp
 };
 
-// One row's raw products x_hat.w_hat in classes [k0, k0 + kb) -> inv_temp * d loss / d logits,
-// in place: g_k = a softmax(l)_k + b softmax(l~)_k [k != t] - label_grad [k == y] with
-// l = inv_temp * product. Column t of l~ holds the edited logit, which does not depend on l_t.
+// One row's raw products in classes [k0, k0 + kb) -> the GEMMs' gradient tile, in place:
+//   G_k = (a softmax(l)_k + b softmax(l~)_k [k != t] - label_grad [k == y]) * grad_factor[k]
+// with l_k = product_k * logit_factor[k] (a, b, label_grad already times inv_temp). Column t of
+// l~ holds the edited logit, which does not depend on l_t, hence the fix-up. `lf` and `gf` point
+// at the block's first class.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void grad_block_f32(float* row, int64_t kb, int64_t k0, float inv_temp, const GradRow& g) {
+void grad_block_f32(float* row, int64_t kb, int64_t k0, const float* lf, const float* gf,
+                    const GradRow& g) {
   const bool has_t = g.t >= k0 && g.t < k0 + kb;
-  const float logit_t = has_t ? row[g.t - k0] * inv_temp : 0.0f;
+  const float logit_t = has_t ? row[g.t - k0] * lf[g.t - k0] : 0.0f;
   const float lse = static_cast<float>(g.lse), lse_e = static_cast<float>(g.lse_edited);
   // One loop for every (a, b): a zero coefficient gives log 0 = -inf and its term is 0.
   const float log_a = static_cast<float>(std::log(std::abs(g.a))), sign_a = g.a < 0 ? -1.0f : 1.0f;
   const float log_b = static_cast<float>(std::log(std::abs(g.b))), sign_b = g.b < 0 ? -1.0f : 1.0f;
 #pragma omp simd
   for (int64_t k = 0; k < kb; ++k) {
-    const float v = row[k] * inv_temp;
-    row[k] = scaled_exp(v - lse, log_a, sign_a) + scaled_exp(v - lse_e, log_b, sign_b);
+    const float v = row[k] * lf[k];
+    row[k] = (scaled_exp(v - lse, log_a, sign_a) + scaled_exp(v - lse_e, log_b, sign_b)) * gf[k];
   }
-  if (has_t) row[g.t - k0] = static_cast<float>(g.a * std::exp(std::min(logit_t - lse, 0.0f)));
-  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= static_cast<float>(g.label_grad);
+  if (has_t)
+    row[g.t - k0] = static_cast<float>(g.a * std::exp(std::min(logit_t - lse, 0.0f)) * gf[g.t - k0]);
+  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= static_cast<float>(g.label_grad * gf[g.y - k0]);
 }
 
 #if DK_LOSS_AVX2
@@ -756,53 +838,59 @@ __attribute__((target("avx2,fma"))) inline __m256 scaled_exp8(__m256 v, __m256 l
 
 // grad_block_f32 with the column loop on 8 lanes.
 __attribute__((target("avx2,fma")))
-void grad_block_avx2(float* row, int64_t kb, int64_t k0, float inv_temp, const GradRow& g) {
+void grad_block_avx2(float* row, int64_t kb, int64_t k0, const float* lf, const float* gf,
+                     const GradRow& g) {
   const bool has_t = g.t >= k0 && g.t < k0 + kb;
-  const float logit_t = has_t ? row[g.t - k0] * inv_temp : 0.0f;
+  const float logit_t = has_t ? row[g.t - k0] * lf[g.t - k0] : 0.0f;
   const float lse = static_cast<float>(g.lse), lse_e = static_cast<float>(g.lse_edited);
   const float log_a = static_cast<float>(std::log(std::abs(g.a))), sign_a = g.a < 0 ? -1.0f : 1.0f;
   const float log_b = static_cast<float>(std::log(std::abs(g.b))), sign_b = g.b < 0 ? -1.0f : 1.0f;
-  const __m256 it = _mm256_set1_ps(inv_temp), l = _mm256_set1_ps(lse), le = _mm256_set1_ps(lse_e);
+  const __m256 l = _mm256_set1_ps(lse), le = _mm256_set1_ps(lse_e);
   const __m256 la = _mm256_set1_ps(log_a), sa = _mm256_set1_ps(sign_a);
   const __m256 lb = _mm256_set1_ps(log_b), sb = _mm256_set1_ps(sign_b);
   int64_t k = 0;
   for (; k + 8 <= kb; k += 8) {
-    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + k), it);
-    _mm256_storeu_ps(row + k, _mm256_add_ps(scaled_exp8(_mm256_sub_ps(v, l), la, sa),
-                                            scaled_exp8(_mm256_sub_ps(v, le), lb, sb)));
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(lf + k));
+    const __m256 sum = _mm256_add_ps(scaled_exp8(_mm256_sub_ps(v, l), la, sa),
+                                     scaled_exp8(_mm256_sub_ps(v, le), lb, sb));
+    _mm256_storeu_ps(row + k, _mm256_mul_ps(sum, _mm256_loadu_ps(gf + k)));
   }
   for (; k < kb; ++k) {
-    const float v = row[k] * inv_temp;
-    row[k] = scaled_exp(v - lse, log_a, sign_a) + scaled_exp(v - lse_e, log_b, sign_b);
+    const float v = row[k] * lf[k];
+    row[k] = (scaled_exp(v - lse, log_a, sign_a) + scaled_exp(v - lse_e, log_b, sign_b)) * gf[k];
   }
-  if (has_t) row[g.t - k0] = static_cast<float>(g.a * std::exp(std::min(logit_t - lse, 0.0f)));
-  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= static_cast<float>(g.label_grad);
+  if (has_t)
+    row[g.t - k0] = static_cast<float>(g.a * std::exp(std::min(logit_t - lse, 0.0f)) * gf[g.t - k0]);
+  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= static_cast<float>(g.label_grad * gf[g.y - k0]);
 }
 #endif
 
-void grad_block_f64(double* row, int64_t kb, int64_t k0, double inv_temp, const GradRow& g) {
+void grad_block_f64(double* row, int64_t kb, int64_t k0, const double* lf, const double* gf,
+                    const GradRow& g) {
   const bool has_t = g.t >= k0 && g.t < k0 + kb;
-  const double logit_t = has_t ? row[g.t - k0] * inv_temp : 0.0;
+  const double logit_t = has_t ? row[g.t - k0] * lf[g.t - k0] : 0.0;
   for (int64_t k = 0; k < kb; ++k) {
-    const double v = row[k] * inv_temp;
-    row[k] = g.a * std::exp(v - g.lse) + g.b * std::exp(std::min(v - g.lse_edited, 0.0));
+    const double v = row[k] * lf[k];
+    row[k] = (g.a * std::exp(v - g.lse) + g.b * std::exp(std::min(v - g.lse_edited, 0.0))) * gf[k];
   }
-  if (has_t) row[g.t - k0] = g.a * std::exp(logit_t - g.lse);
-  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= g.label_grad;
+  if (has_t) row[g.t - k0] = g.a * std::exp(logit_t - g.lse) * gf[g.t - k0];
+  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= g.label_grad * gf[g.y - k0];
 }
 
-void grad_block(float* row, int64_t kb, int64_t k0, double inv_temp, const GradRow& g) {
+void grad_block(float* row, int64_t kb, int64_t k0, const float* lf, const float* gf,
+                const GradRow& g) {
 #if DK_LOSS_AVX2
-  if (use_avx2()) return grad_block_avx2(row, kb, k0, static_cast<float>(inv_temp), g);
+  if (use_avx2()) return grad_block_avx2(row, kb, k0, lf, gf, g);
 #endif
-  grad_block_f32(row, kb, k0, static_cast<float>(inv_temp), g);
+  grad_block_f32(row, kb, k0, lf, gf, g);
 }
-void grad_block(double* row, int64_t kb, int64_t k0, double inv_temp, const GradRow& g) {
-  grad_block_f64(row, kb, k0, inv_temp, g);
+void grad_block(double* row, int64_t kb, int64_t k0, const double* lf, const double* gf,
+                const GradRow& g) {
+  grad_block_f64(row, kb, k0, lf, gf, g);
 }
 
-// grad_x_hat = G W_hat and grad_w_hat = G^T X_hat over every tile, G = inv_temp d loss / d
-// logits (both outputs zero on entry). Threads split the classes: the class blocks form a fixed
+// grad_x_hat = G W and grad_w_hat = G^T X_hat over every tile, G the gradient tiles of
+// grad_block (both outputs zero on entry; W as the GEMMs read it, see PreparedRows). Threads split the classes: the class blocks form a fixed
 // set of groups (a few per thread) that threads take from a shared counter, so a thread slowed
 // by a busy machine takes fewer. Each block's rows of grad_w_hat are written by one thread only;
 // each group accumulates its share of grad_x_hat in its own [rows, D] buffer, and the buffers
@@ -810,9 +898,9 @@ void grad_block(double* row, int64_t kb, int64_t k0, double inv_temp, const Grad
 // (autograd's gradcheck asks for a reentrant backward). Rows go in regions of kBackwardRows,
 // which bounds those buffers at groups x kBackwardRows x D.
 template <typename T>
-void backward_gemms(const at::Tensor& x_hat, const at::Tensor& w_hat,
-                    const std::vector<GradRow>& rows_info, double inv_temp, at::Tensor& grad_x_hat,
-                    at::Tensor& grad_w_hat) {
+void backward_gemms(const at::Tensor& x_hat, const at::Tensor& w_hat, const T* logit_factor,
+                    const T* grad_factor, const std::vector<GradRow>& rows_info,
+                    at::Tensor& grad_x_hat, at::Tensor& grad_w_hat) {
   const int64_t N = x_hat.size(0), K = w_hat.size(0), D = x_hat.size(1);
   const bool needs_x = grad_x_hat.defined(), needs_w = grad_w_hat.defined();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -840,7 +928,8 @@ void backward_gemms(const at::Tensor& x_hat, const at::Tensor& w_hat,
             at::mm_out(tile, x_rows, w_block.t());
             T* p = tile.data_ptr<T>();
             for (int64_t r = 0; r < rows; ++r)
-              grad_block(p + r * kb, kb, k0, inv_temp, rows_info[s0 + r0 + r]);
+              grad_block(p + r * kb, kb, k0, logit_factor + k0, grad_factor + k0,
+                         rows_info[s0 + r0 + r]);
             if (needs_x) dx.narrow(0, r0, rows).addmm_(tile, w_block);
             if (needs_w) dw_block.addmm_(tile.t(), x_rows);
           }
@@ -854,24 +943,61 @@ void backward_gemms(const at::Tensor& x_hat, const at::Tensor& w_hat,
   }
 }
 
-// Through the normalisation v_hat = v / |v|, in place row by row (nothing without normalising):
-// g = (g - v_hat (v_hat . g)) / |v|, in double, with the robust norms of unit_rows.
+// The target column's term, in place: the edited cosine s_n = sum_d keep_nd x_hat_nd w_hat_td
+// adds grad_edited_n keep_nd w_hat_td to x's row n and grad_edited_n keep_nd x_hat_nd to W's row
+// t (times W's scale, as the GEMMs' gradient of W's rows). W's rows are visited in row order by
+// one thread: several rows may share a target.
 template <typename T>
-void project_rows(at::Tensor& g, const at::Tensor& v_hat, const std::vector<double>& norms,
-                 bool normalize) {
-  const int64_t R = g.size(0), D = g.size(1);
+void add_target_terms(at::Tensor& grad_x, at::Tensor& grad_w, const at::Tensor& x_hat,
+                      const PreparedRows& w, const at::Tensor& keep, const at::Tensor& grad_edited,
+                      const at::Tensor& target) {
+  const int64_t N = x_hat.size(0), D = x_hat.size(1);
+  const T* xp = x_hat.data_ptr<T>();
+  const T* wp = w.gemm.data_ptr<T>();
+  const bool* kp = keep.data_ptr<bool>();
+  const T* ge = grad_edited.data_ptr<T>();
+  const int64_t* tp = target.data_ptr<int64_t>();
+  if (grad_x.defined()) {
+    T* gx = grad_x.data_ptr<T>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const T coef = static_cast<T>(ge[n] * w.scale[tp[n]]);
+        const T* wt = wp + tp[n] * D;
+        for (int64_t d = 0; d < D; ++d)
+          if (kp[n * D + d]) gx[n * D + d] += coef * wt[d];
+      }
+    });
+  }
+  if (grad_w.defined()) {
+    T* gw = grad_w.data_ptr<T>();
+    for (int64_t n = 0; n < N; ++n) {
+      const T coef = static_cast<T>(ge[n] * w.scale[tp[n]]);
+      T* row = gw + tp[n] * D;
+      for (int64_t d = 0; d < D; ++d)
+        if (kp[n * D + d]) row[d] += coef * xp[n * D + d];
+    }
+  }
+}
+
+// Through the normalisation v_hat = v / |v|, in place row by row (nothing without normalising):
+// g = (g - v_hat (v_hat . g)) * post with v_hat = gemm * scale (PreparedRows), in double.
+template <typename T>
+void project_rows(at::Tensor& g, const PreparedRows& v, bool normalize) {
   if (!normalize) return;
+  const int64_t R = g.size(0), D = g.size(1);
   T* gp = g.data_ptr<T>();
-  const T* vp = v_hat.data_ptr<T>();
+  const T* vp = v.gemm.data_ptr<T>();
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<double> unit(D);
     for (int64_t r = begin; r < end; ++r) {
       T* row = gp + r * D;
-      const T* v = vp + r * D;
       double dot = 0.0;
-      for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(v[d]) * static_cast<double>(row[d]);
-      const double inv = 1.0 / norms[r];
+      for (int64_t d = 0; d < D; ++d) {
+        unit[d] = static_cast<double>(vp[r * D + d]) * v.scale[r];
+        dot += unit[d] * static_cast<double>(row[d]);
+      }
       for (int64_t d = 0; d < D; ++d)
-        row[d] = static_cast<T>((static_cast<double>(row[d]) - static_cast<double>(v[d]) * dot) * inv);
+        row[d] = static_cast<T>((static_cast<double>(row[d]) - unit[d] * dot) * v.post[r]);
     }
   });
 }
@@ -893,9 +1019,9 @@ std::tuple<at::Tensor, at::Tensor> ebm_loss_backward_cpu(
   const at::Tensor x = x_in.detach(), w = w_in.detach();
   const int64_t N = x.size(0), K = w.size(0), D = x.size(1);
   const at::ScalarType acc = accumulation_type(x, w);
-  std::vector<double> x_norms, w_norms;
-  const at::Tensor x_hat = unit_rows(op, "x", x, acc, normalize, x_norms);
-  const at::Tensor w_hat = unit_rows(op, "w", w, acc, normalize, w_norms);
+  const PreparedRows xp = prepare(op, "x", x, acc, normalize, /*as_given_if_safe=*/false, inv_temp);
+  const PreparedRows wp = prepare(op, "w", w, acc, normalize, /*as_given_if_safe=*/true, inv_temp);
+  const at::Tensor& x_hat = xp.gemm;
   const at::Tensor y = labels.to(at::kLong).contiguous();
   const at::Tensor t = target.to(at::kLong).contiguous();
   const RowCoefficients c = row_coefficients(grad_ce, grad_delta, y, t, lse, lse_other, edited,
@@ -917,25 +1043,26 @@ std::tuple<at::Tensor, at::Tensor> ebm_loss_backward_cpu(
   }
   at::Tensor grad_x_hat = needs_x ? at::zeros({N, D}, x_hat.options()) : at::Tensor();
   at::Tensor grad_w_hat = needs_w ? at::zeros({K, D}, x_hat.options()) : at::Tensor();
-  if (acc == at::kDouble)
-    backward_gemms<double>(x_hat, w_hat, rows_info, inv_temp, grad_x_hat, grad_w_hat);
-  else
-    backward_gemms<float>(x_hat, w_hat, rows_info, inv_temp, grad_x_hat, grad_w_hat);
-
-  // The sparse target-column term: s = sum_d keep_d x_hat_d w_hat_{t,d} ([N, D] temporaries).
-  const at::Tensor sparse = c.grad_edited.unsqueeze(1) * keep;
-  if (needs_x) grad_x_hat.addcmul_(sparse, w_hat.index_select(0, t));
-  if (needs_w) grad_w_hat.index_add_(0, t, sparse * x_hat);
-  if (needs_x) {
-    if (acc == at::kDouble) project_rows<double>(grad_x_hat, x_hat, x_norms, normalize);
-    else project_rows<float>(grad_x_hat, x_hat, x_norms, normalize);
-    grad_x = grad_x_hat.to(x.scalar_type());
+  const at::Tensor keep_rows = keep.contiguous();
+  if (acc == at::kDouble) {
+    std::vector<double> logit_factor, grad_factor;
+    class_factors(wp, inv_temp, logit_factor, grad_factor);
+    backward_gemms<double>(x_hat, wp.gemm, logit_factor.data(), grad_factor.data(), rows_info,
+                           grad_x_hat, grad_w_hat);
+    add_target_terms<double>(grad_x_hat, grad_w_hat, x_hat, wp, keep_rows, c.grad_edited, t);
+    if (needs_x) project_rows<double>(grad_x_hat, xp, normalize);
+    if (needs_w) project_rows<double>(grad_w_hat, wp, normalize);
+  } else {
+    std::vector<float> logit_factor, grad_factor;
+    class_factors(wp, inv_temp, logit_factor, grad_factor);
+    backward_gemms<float>(x_hat, wp.gemm, logit_factor.data(), grad_factor.data(), rows_info,
+                          grad_x_hat, grad_w_hat);
+    add_target_terms<float>(grad_x_hat, grad_w_hat, x_hat, wp, keep_rows, c.grad_edited, t);
+    if (needs_x) project_rows<float>(grad_x_hat, xp, normalize);
+    if (needs_w) project_rows<float>(grad_w_hat, wp, normalize);
   }
-  if (needs_w) {
-    if (acc == at::kDouble) project_rows<double>(grad_w_hat, w_hat, w_norms, normalize);
-    else project_rows<float>(grad_w_hat, w_hat, w_norms, normalize);
-    grad_w = grad_w_hat.to(w.scalar_type());
-  }
+  if (needs_x) grad_x = grad_x_hat.to(x.scalar_type());
+  if (needs_w) grad_w = grad_w_hat.to(w.scalar_type());
   return {grad_x, grad_w};
 }
 
