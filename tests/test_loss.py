@@ -151,10 +151,11 @@ def test_tied_products_mask_the_lower_dimension_first():
 @needs_fused
 @pytest.mark.parametrize(
     "shape",
-    # The last two span several of the CPU ops' class blocks (1024 classes) and row tiles (256
-    # rows), and the second several backward regions (1024 rows).
+    # The last three span several of the CPU ops' class blocks (1024 classes) and row tiles (256
+    # rows), and the second several backward regions (1024 rows); the last is large enough
+    # (N·K·D >= 2^28) for the CPU ops to use every thread.
     [(1, 1, 3), (1, 13, 5), (7, 1, 65), (5, 3, 1), (257, 1001, 65), (33, 17, 512), (300, 2500, 17),
-     (1030, 2100, 9)],
+     (1030, 2100, 9), (520, 1100, 512)],
 )
 @pytest.mark.parametrize(
     "options",
@@ -197,6 +198,20 @@ def test_half_inputs_accumulate_in_float32(dtype):
     assert fx.dtype == dtype and fw.dtype == dtype
     torch.testing.assert_close(fx.float(), rx.float(), rtol=1e-2, atol=1e-2 * float(rx.float().abs().max()))
     torch.testing.assert_close(fw.float(), rw.float(), rtol=1e-2, atol=1e-2 * float(rw.float().abs().max()))
+
+
+@needs_fused
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads")
+def test_fused_backward_is_reentrant_on_several_threads():
+    # Threads take groups of classes dynamically; the result must not depend on who took what.
+    X, W, labels = make_problem(1100, 1030, 512, dtype=torch.float32, seed=7)
+    X.requires_grad_(True)
+    W.requires_grad_(True)
+    loss = dk.ebm_loss(X, W, labels, target="label", ce_on="edited")
+    first = torch.autograd.grad(loss, (X, W), retain_graph=True)
+    for _ in range(3):
+        again = torch.autograd.grad(loss, (X, W), retain_graph=True)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
 
 
 # Row scales whose float32 sums of squares underflow (1e-21: subnormal squares; 1e-30: zero) or

@@ -26,6 +26,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define DK_LOSS_AVX2 1
@@ -36,6 +40,11 @@
 #include "ebm_loss.h"
 #include "row_reduce.h"
 #include "rows.h"
+
+// MKL's thread-local thread count (the C entry point: the lower-case names are the Fortran one,
+// which takes a pointer), exported by the MKL that x86 builds of torch link statically; weak so
+// that the extension also loads with a torch without MKL (the pointer is then null).
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 
 namespace deltakern {
 namespace loss {
@@ -339,6 +348,11 @@ constexpr int64_t kClassBlock = 1024;
 constexpr int64_t kBackwardRows = 1024;  // rows per backward region: bounds the dX accumulators
 constexpr int64_t kGroupsPerThread = 4;  // backward: groups of class blocks (and dX buffers) per thread
 constexpr int64_t kBlock = 64;
+// Below this many multiply-adds per GEMM (N x K x D; 256 x 1000 x 512 is 2^27) an op runs on one
+// thread: every parallel region waits for its slowest thread, and on a shared 2-core machine a
+// descheduled thread cost a small call ~8x its single-threaded time (256 x 1000: 260 ms on two
+// threads vs 34 ms on one).
+constexpr double kSerialMacs = 0x1p28;
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -470,6 +484,47 @@ void record_min(std::atomic<int64_t>& first_bad, int64_t n) {
   int64_t seen = first_bad.load();
   while (n < seen && !first_bad.compare_exchange_weak(seen, n)) {
   }
+}
+
+// Whether an op on x and w runs on one thread (kSerialMacs, SerialScope).
+bool is_small(const at::Tensor& x, const at::Tensor& w) {
+  return static_cast<double>(x.size(0)) * static_cast<double>(w.size(0)) *
+             static_cast<double>(x.size(1)) < kSerialMacs;
+}
+
+// One thread for everything an op runs while it lives, when `serial`: the calling thread's OpenMP
+// thread count (a per-thread setting, which ATen's parallel_for reads) and MKL's thread-local
+// one are 1, so ATen's kernels run inline and MKL's GEMMs on the calling thread; both are
+// restored on exit.
+class SerialScope {
+ public:
+  explicit SerialScope(bool serial) : serial_(serial) {
+    if (!serial_) return;
+#ifdef _OPENMP
+    previous_omp_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_mkl_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialScope() {
+    if (!serial_) return;
+#ifdef _OPENMP
+    omp_set_num_threads(previous_omp_);
+#endif
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_mkl_);  // 0: global
+  }
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  bool serial_;
+  int previous_omp_ = 1;
+  int previous_mkl_ = 0;
+};
+
+// Threads the parallel regions below will use: 1 where ATen's parallel_for runs inline.
+int64_t worker_threads() {
+  return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
 }
 
 // Runs `work` once on each of up to `threads` threads in one parallel region. The callers share
@@ -692,7 +747,7 @@ void forward_typed(const at::Tensor& x_hat, const at::Tensor& w_hat, const T* lo
                    const at::Tensor& y, bool target_pred, at::Tensor& target, at::Tensor& lse,
                    at::Tensor& lse_other, at::Tensor& label_logit, int64_t& first_bad_row) {
   const int64_t N = x_hat.size(0), K = w_hat.size(0);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = worker_threads();
   const int64_t R = row_block(N, threads), KB = std::min(kClassBlock, K);
   const int64_t num_chunks = (N + R - 1) / R;
   const int64_t* yp = y.data_ptr<int64_t>();
@@ -751,6 +806,7 @@ ebm_loss_forward_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::T
   check_index_range(op, "labels", y, K);
   // The out= GEMMs refuse inputs that require grad; grad mode is per thread.
   at::NoGradGuard no_grad;
+  const SerialScope serial(is_small(x_in, w_in));
   const at::Tensor x = x_in.detach(), w = w_in.detach();
   const at::ScalarType acc = accumulation_type(x, w);
   const PreparedRows xp = prepare(op, "x", x, acc, normalize, /*as_given_if_safe=*/false, inv_temp);
@@ -903,7 +959,7 @@ void backward_gemms(const at::Tensor& x_hat, const at::Tensor& w_hat, const T* l
                     at::Tensor& grad_x_hat, at::Tensor& grad_w_hat) {
   const int64_t N = x_hat.size(0), K = w_hat.size(0), D = x_hat.size(1);
   const bool needs_x = grad_x_hat.defined(), needs_w = grad_w_hat.defined();
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = worker_threads();
   const int64_t KB = class_block(K, threads), R = std::min(kRowBlock, N);
   const int64_t num_blocks = (K + KB - 1) / KB;
   const int64_t groups = std::min(num_blocks, kGroupsPerThread * threads);
@@ -1016,6 +1072,7 @@ std::tuple<at::Tensor, at::Tensor> ebm_loss_backward_cpu(
   at::Tensor grad_w = at::empty({0}, w_in.options());
   if (!needs_x && !needs_w) return {grad_x, grad_w};
   at::NoGradGuard no_grad;
+  const SerialScope serial(is_small(x_in, w_in));
   const at::Tensor x = x_in.detach(), w = w_in.detach();
   const int64_t N = x.size(0), K = w.size(0), D = x.size(1);
   const at::ScalarType acc = accumulation_type(x, w);
