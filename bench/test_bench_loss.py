@@ -49,3 +49,27 @@ def test_loss_cpu(benchmark, provider, b, k):
 def test_loss_cuda(benchmark, provider):
     benchmark.group = "loss cuda B=65536 K=20000"
     _bench(benchmark, bp.loss_case(65_536, 20_000, device="cuda"), provider)
+
+
+def _bench_loss_script():
+    """bench/bench_loss.py as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_loss", Path(__file__).with_name("bench_loss.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_loss_script_reports_fused_vs_the_three_gemms(tmp_path, capsys):
+    if "deltakern-fused" not in bp.loss_providers("cpu"):
+        pytest.skip(f"the fused loss is not available: {bp.loss_modules_status('cpu')}")
+    script = _bench_loss_script()
+    argv = ["--shapes", "48x70", "--d", "16", "--min-time", "0", "--pair-repeats", "2", "--out", str(tmp_path)]
+    assert script.main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "three GEMMs" in line)
+    assert line.startswith("B=48 K=70 D=16 cpu: fused fwd+bwd ")
+    assert "peak extra memory fused " in line and "reference " in line
+    assert (tmp_path / "loss_cpu.json").exists()

@@ -19,14 +19,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltakern.core.ebm import combine, masked_count, validate, validate_settings
+from deltakern.core.ebm import combine, masked_count, validate_settings
 from deltakern.ops import registry
-from deltakern.reference.loss import per_row_parts
+from deltakern.reference.loss import per_row_parts, validate
 
 
 def fused_available(device: torch.device | str) -> bool:
     """True when the fused loss ops have a kernel for tensors on ``device``."""
     return registry.has_device_kernel("ebm_loss_forward", device)
+
+
+def _rescales_rows(X: object) -> bool:
+    """Whether the path that runs for ``X`` normalises tiny and huge rows robustly: the compiled
+    CPU ops and the reference do; the CUDA ops' row preparation is robust too but has not been
+    checked on a GPU yet, so rows there must still have a float32 sum of squares that neither
+    under- nor overflows."""
+    if not isinstance(X, torch.Tensor) or X.device.type == "cpu":
+        return True
+    return not fused_available(X.device)
 
 
 def _fused_parts(X, W, labels, *, temperature, mask_ratio, reset, target, ce_on, normalize):
@@ -68,9 +78,9 @@ def ebm_loss(
     the plain-PyTorch reference is used. The loss is float32 (float64 for float64 inputs).
     """
     args = validate(
-        X, W, labels, temperature=temperature, lam=lam, mask_ratio=mask_ratio, reset=reset,
-        target=target, ce_on=ce_on, normalize=normalize, reduction=reduction,
-        return_parts=return_parts,
+        X, W, labels, rescales_rows=_rescales_rows(X), temperature=temperature, lam=lam,
+        mask_ratio=mask_ratio, reset=reset, target=target, ce_on=ce_on, normalize=normalize,
+        reduction=reduction, return_parts=return_parts,
     )
     parts = _fused_parts if fused_available(X.device) else per_row_parts
     ce, delta = parts(

@@ -150,7 +150,12 @@ def test_tied_products_mask_the_lower_dimension_first():
 
 @needs_fused
 @pytest.mark.parametrize(
-    "shape", [(1, 1, 3), (1, 13, 5), (7, 1, 65), (5, 3, 1), (257, 1001, 65), (33, 17, 512)]
+    "shape",
+    # The last three span several of the CPU ops' class blocks (1024 classes) and row tiles (256
+    # rows), and the second several backward regions (1024 rows); the last is large enough
+    # (N·K·D >= 2^28) for the CPU ops to use every thread.
+    [(1, 1, 3), (1, 13, 5), (7, 1, 65), (5, 3, 1), (257, 1001, 65), (33, 17, 512), (300, 2500, 17),
+     (1030, 2100, 9), (520, 1100, 512)],
 )
 @pytest.mark.parametrize(
     "options",
@@ -193,6 +198,48 @@ def test_half_inputs_accumulate_in_float32(dtype):
     assert fx.dtype == dtype and fw.dtype == dtype
     torch.testing.assert_close(fx.float(), rx.float(), rtol=1e-2, atol=1e-2 * float(rx.float().abs().max()))
     torch.testing.assert_close(fw.float(), rw.float(), rtol=1e-2, atol=1e-2 * float(rw.float().abs().max()))
+
+
+@needs_fused
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two threads")
+def test_fused_backward_is_reentrant_on_several_threads():
+    # Threads take groups of classes dynamically; the result must not depend on who took what.
+    X, W, labels = make_problem(1100, 1030, 512, dtype=torch.float32, seed=7)
+    X.requires_grad_(True)
+    W.requires_grad_(True)
+    loss = dk.ebm_loss(X, W, labels, target="label", ce_on="edited")
+    first = torch.autograd.grad(loss, (X, W), retain_graph=True)
+    for _ in range(3):
+        again = torch.autograd.grad(loss, (X, W), retain_graph=True)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+# Row scales whose float32 sums of squares underflow (1e-21: subnormal squares; 1e-30: zero) or
+# overflow (1e20), next to ordinary rows.
+ROW_SCALES = (1.0, 1e-21, 1e-30, 1e20, 3.0)
+
+
+@needs_fused
+@pytest.mark.parametrize("options", [dict(), dict(target="label", ce_on="edited", lam=0.5, reset=-0.1)])
+def test_tiny_and_huge_rows_match_the_float64_reference(options):
+    n, k, d = 10, 2100, 33  # K spans class blocks, so W's rows are read as given and as a copy
+    X, W, labels = make_problem(n, k, d, seed=11, label_pred_rows=2)
+    X = X * torch.tensor([ROW_SCALES[i % 5] for i in range(n)], dtype=torch.float64)[:, None]
+    W = W * torch.tensor([ROW_SCALES[(i + 1) % 5] for i in range(k)], dtype=torch.float64)[:, None]
+    X32, W32 = X.float().requires_grad_(True), W.float().requires_grad_(True)
+    X64, W64 = X.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    grad_out = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref, r_parts = ebm_loss_reference(X64, W64, labels, reduction="none", return_parts=True, **options)
+    rx, rw = torch.autograd.grad(ref, (X64, W64), grad_out)
+    x_norm, w_norm = X.norm(dim=1, keepdim=True), W.norm(dim=1, keepdim=True)
+    for fn in (dk.ebm_loss, ebm_loss_reference):  # the fused CPU ops and the float32 reference
+        loss, parts = fn(X32, W32, labels, reduction="none", return_parts=True, **options)
+        close(loss.double(), ref, "loss")
+        close(parts["delta"].double(), r_parts["delta"], "delta")
+        fx, fw = torch.autograd.grad(loss, (X32, W32), grad_out.float())
+        # A row's gradient scales as 1/|row|: compared times the row norms, every row is O(1).
+        close(fx.double() * x_norm, rx * x_norm, "grad X")
+        close(fw.double() * w_norm, rw * w_norm, "grad W")
 
 
 @needs_fused

@@ -11,7 +11,23 @@ from __future__ import annotations
 import torch
 
 from deltakern.core.dtypes import accumulation_dtype, prepare_rows
-from deltakern.core.ebm import combine, masked_count, validate
+from deltakern.core.ebm import combine, masked_count, validate_settings
+from deltakern.core.validation import check_bool, check_inputs, check_labels
+
+
+def validate(X: object, W: object, labels: object, *, rescales_rows: bool = True, **settings: object) -> dict:
+    """Check every argument of the EBM loss (docs/conventions.md §8) as :func:`deltakern.core.ebm.validate`
+    does; return the settings as plain types plus ``labels`` as int64.
+
+    ``rescales_rows``: the path that will run normalises rows robustly (this reference and the
+    compiled CPU ops do: an exact power-of-two rescaling or a double-precision sum of squares),
+    so with ``normalize=True`` every finite non-zero row is accepted, however tiny or huge.
+    Without it, rows whose plain float32 sum of squares under- or overflows are refused.
+    """
+    normalize = check_bool("normalize", settings.get("normalize"))
+    X, W = check_inputs(X, W, normalize=normalize, rescales_rows=rescales_rows)
+    labels = check_labels(labels, X.shape[0], W.shape[0], X.device)
+    return dict(labels=labels, **validate_settings(**settings))
 
 
 def per_row_parts(
