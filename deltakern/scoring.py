@@ -17,7 +17,6 @@ from deltakern.core.validation import (
     check_bool,
     check_choice,
     check_finite_number,
-    check_inputs,
     check_int_range,
     check_matrix,
     check_pair,
@@ -195,7 +194,9 @@ def _score_modes(
     X, W, *, modes, temperature, c, reset, normalize, backend, matmul_precision, negatives, negative_groups
 ) -> dict[str, Scores]:
     normalize = check_bool("normalize", normalize)
-    X, W = check_inputs(X, W, normalize=normalize, rescales_rows=True)
+    X, W = check_matrix("X", X), check_matrix("W", W)
+    check_pair(X, W)
+    W = check_values("W", W, normalize=normalize, rescales_rows=True)
     temperature = check_temperature("temperature", temperature)
     c = check_int_range("c", c, 1, W.shape[0])
     reset = check_finite_number("reset", reset)
@@ -219,13 +220,25 @@ def _score_modes(
         if backend == "triton":
             warnings.warn("float64 inputs are scored by the reference backend (the Triton kernel is float32 at most)", stacklevel=3)
         chosen = "reference"
+    # X's values: the C++ op checks them while it reads them (NaN/±inf and zero rows raise; every
+    # finite non-zero row is normalised robustly), so with normalize the cpp backend is spared a
+    # separate pass over X (at small K it cost as much as the op) and the check runs only to name
+    # the argument when the op refuses.
+    x_checked_by_op = normalize and chosen == "cpp"
+    if not x_checked_by_op:
+        X = check_values("X", X, normalize=normalize, rescales_rows=True)
     if normalize and chosen == "triton":
         X, W = _within_safe_range(X), _within_safe_range(W)
         negatives = None if negatives is None else _within_safe_range(negatives)
-    top_v, top_i, outside, lse_neg = _state(
-        X, W, negatives, negative_groups, temperature=temperature, c=c, normalize=normalize,
-        backend=chosen, matmul_precision=matmul_precision,
-    )
+    try:
+        top_v, top_i, outside, lse_neg = _state(
+            X, W, negatives, negative_groups, temperature=temperature, c=c, normalize=normalize,
+            backend=chosen, matmul_precision=matmul_precision,
+        )
+    except RuntimeError:
+        if x_checked_by_op:
+            check_values("X", X, normalize=normalize, rescales_rows=True)  # the error, naming X
+        raise
     out_dtype = accumulation_dtype(X, W)
     results = {
         m: derive_scores(top_v, top_i, outside, reset_logit=reset / temperature, mode=m, out_dtype=out_dtype)

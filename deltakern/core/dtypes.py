@@ -8,8 +8,6 @@ row by a power of two is exact and changes none of its cosines.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 #: Rows whose largest |value| lies in ``[2**-SAFE_ROW_EXPONENT, 2**SAFE_ROW_EXPONENT]`` are
@@ -26,8 +24,14 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def row_max_abs(t: torch.Tensor) -> torch.Tensor:
     """The largest |value| of every row ``[N]``, in ``t``'s dtype: exact (a maximum never
-    underflows or overflows), NaN for a row holding a NaN, 0 only for an all-zero row."""
-    return torch.linalg.vector_norm(t, ord=math.inf, dim=1)
+    underflows or overflows), NaN for a row holding a NaN, 0 only for an all-zero row.
+
+    Two vectorised reductions (``amax``, ``amin``) without a temporary: on CPU 3-10x faster than
+    ``vector_norm(ord=inf)`` or ``abs().amax()``, which made this check the largest cost of
+    ``dk.score`` at small K."""
+    if t.shape[-1] == 0:
+        return t.new_zeros(t.shape[:-1])
+    return torch.maximum(t.amax(dim=-1), -t.amin(dim=-1))
 
 
 def _powers_of_two(exponents: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ Triton backend can run on a device without initialising CUDA.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -28,12 +29,23 @@ def interpreter_active() -> bool:
     return language is None or type(language.zeros).__name__ == "InterpretedFunction"
 
 
-def triton_status(device: torch.device) -> str | None:
-    """None when the Triton backend can run on ``device``, otherwise the reason it cannot."""
+@functools.lru_cache(maxsize=1)
+def _not_installed_reason() -> str | None:
+    """Why the kernel cannot be imported, or None. Looked up once: what is installed does not
+    change within a process, and the lookup (a walk of sys.path) cost every dk.score call about
+    half a millisecond."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if importlib.util.find_spec("deltakern.ops.triton.fused_score") is None:
         return "the Triton scoring kernel is not part of this installation"
+    return None
+
+
+def triton_status(device: torch.device) -> str | None:
+    """None when the Triton backend can run on ``device``, otherwise the reason it cannot."""
+    missing = _not_installed_reason()
+    if missing is not None:
+        return missing
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreter_active():
