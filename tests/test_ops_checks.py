@@ -72,6 +72,7 @@ def with_entry(t: torch.Tensor, row: int, col: int, value: float) -> torch.Tenso
     return t
 
 
+NAN_ROW = "row {0} (has non-finite logits|of x has a non-finite L2 norm)"
 BAD_FORWARD = {
     "x 1-D": (dict(x=torch.randn(N * D)), "x and w must be 2-D"),
     "D mismatch": (dict(w=torch.randn(K, D + 1)), "same D, got 8 and 9"),
@@ -93,9 +94,11 @@ BAD_FORWARD = {
     # temperature 1e-300 passes a bare "> 0" check, but 1/τ overflows float32 logits.
     "inv_temp overflows float32": (dict(inv_temp=1e300), "logits would overflow Float"),
     "reset nan": (dict(reset=math.nan), "reset must be finite"),
-    "NaN row": (dict(x=with_row(torch.randn(N, D), 2, math.nan)), "row 2 has non-finite logits"),
-    "NaN entry": (dict(x=with_entry(torch.randn(N, D), 3, 1, math.nan)), "row 3 has non-finite logits"),
-    "NaN row, label target": (dict(x=with_row(torch.randn(N, D), 2, math.nan), target_pred=False), "row 2 has non-finite logits"),
+    # With normalize the CPU op finds a NaN row at its norm (before any logit), the CUDA op at its
+    # logits: either way the error names the row.
+    "NaN row": (dict(x=with_row(torch.randn(N, D), 2, math.nan)), NAN_ROW.format(2)),
+    "NaN entry": (dict(x=with_entry(torch.randn(N, D), 3, 1, math.nan)), NAN_ROW.format(3)),
+    "NaN row, label target": (dict(x=with_row(torch.randn(N, D), 2, math.nan), target_pred=False), NAN_ROW.format(2)),
     "+inf entry, unnormalised": (dict(x=with_entry(torch.randn(N, D), 4, 0, math.inf), normalize=False, inv_temp=1.0), "row 4 has non-finite logits"),
     "-inf row, unnormalised": (dict(x=with_row(torch.randn(N, D), 1, -math.inf), normalize=False, inv_temp=1.0), "row 1 has non-finite logits"),
     # Finite inputs whose dot products overflow float32: every logit of the row is ±inf.
