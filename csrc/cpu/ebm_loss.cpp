@@ -40,6 +40,7 @@
 #include "ebm_loss.h"
 #include "row_reduce.h"
 #include "rows.h"
+#include "simd_avx2.h"
 
 // MKL's thread-local thread count (the C entry point: the lower-case names are the Fortran one,
 // which takes a pointer), exported by the MKL that x86 builds of torch link statically; weak so
@@ -398,32 +399,6 @@ bool use_avx2() {
   return avx2;
 }
 
-// exp_nonpositive (row_reduce.h) on 8 lanes. The clamp's operand order keeps a NaN argument NaN
-// (max_ps returns its second operand when one is NaN).
-__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3365f), x);
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 n =
-      _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic), magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i bits =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
-}
 
 // range_sum_exp_f32 on 8 lanes: float blocks of 64, blocks added in double.
 __attribute__((target("avx2,fma")))
@@ -434,12 +409,12 @@ double range_sum_exp_avx2(const float* row, int64_t begin, int64_t end, float sh
   for (; k + kBlock <= end; k += kBlock) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j = k; j < k + kBlock; j += 8)
-      acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), sh)));
-    sum += hsum8(acc);
+      acc = _mm256_add_ps(acc, cpu::exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + j), sh)));
+    sum += cpu::sum_lanes_avx2(acc);
   }
   __m256 acc = _mm256_setzero_ps();
-  for (; k + 8 <= end; k += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + k), sh)));
-  sum += hsum8(acc);
+  for (; k + 8 <= end; k += 8) acc = _mm256_add_ps(acc, cpu::exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + k), sh)));
+  sum += cpu::sum_lanes_avx2(acc);
   for (; k < end; ++k) sum += deltakern::cpu::exp_nonpositive(row[k] - shift);
   return sum;
 }
@@ -889,7 +864,7 @@ __attribute__((target("avx2,fma"))) inline __m256 scaled_exp8(__m256 v, __m256 l
   const __m256 arg = _mm256_min_ps(
       _mm256_set1_ps(88.0f), _mm256_add_ps(_mm256_min_ps(_mm256_setzero_ps(), v), log_coef));
   const __m256 keep = _mm256_cmp_ps(arg, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ);
-  return _mm256_and_ps(keep, _mm256_mul_ps(sign, exp8(arg)));
+  return _mm256_and_ps(keep, _mm256_mul_ps(sign, cpu::exp_nonpositive_avx2(arg)));
 }
 
 // grad_block_f32 with the column loop on 8 lanes.

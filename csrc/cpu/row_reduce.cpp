@@ -1,5 +1,6 @@
 // Per-row kernels (see row_reduce.h for why they look the way they do).
 #include "row_reduce.h"
+#include "simd_avx2.h"
 
 #include <ATen/Version.h>
 
@@ -96,34 +97,16 @@ struct GenericBlockSum {
 // it only with AVX-512 masks), which made the exponentials the epilogue's whole cost.
 struct Avx2BlockSum {
   static constexpr int64_t kBlock = 64;
-  __attribute__((target("avx2,fma"))) static __m256 exp_nonpositive8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
-    const __m256 magic = _mm256_set1_ps(12582912.0f);
-    const __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic), magic);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-  }
   __attribute__((target("avx2,fma"))) static float run(const float* block, float threshold, float shift) {
     const __m256 thr = _mm256_set1_ps(threshold), sh = _mm256_set1_ps(shift);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t t = 0; t < kBlock; t += 8) {
       const __m256 v = _mm256_loadu_ps(block + t);
       const __m256 outside = _mm256_cmp_ps(v, thr, _CMP_LT_OQ);
-      const __m256 e = exp_nonpositive8(_mm256_and_ps(outside, _mm256_sub_ps(v, sh)));
+      const __m256 e = exp_nonpositive_avx2(_mm256_and_ps(outside, _mm256_sub_ps(v, sh)));
       acc = _mm256_add_ps(acc, _mm256_and_ps(outside, e));
     }
-    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_shuffle_ps(quarter, quarter, 1)));
+    return sum_lanes_avx2(acc);
   }
 };
 
