@@ -256,6 +256,7 @@ def test_op_portable_kernels_when_aten_capability_is_forced(capability):
         "t._check_state(*t._rows(300, 70, 64, torch.float32, 2), 100.0, 1, torch.float32);"
         "x, w = t._rows(300, 130, 64, torch.bfloat16, 3); t._check_state(x, w, 100.0, 3, torch.bfloat16);"
         "from oracle import confident_rows; t._check_state(*confident_rows(200, 300, 64), 100.0, 2, torch.float32);"
+        "import test_scoring as s; [s.test_ties_above_the_running_threshold_go_to_lower_class_index('cpp', c) for c in (1, 4)];"
         "print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -95,6 +95,31 @@ def test_ties_go_to_lower_class_index(backend):
     assert torch.equal(got.topk_values.double(), want["topk_values"])
 
 
+def tied_rising_rows(n: int = 23, k: int = 333, d: int = 16, seed: int = 4):
+    """``(X, W)`` whose logits (normalize=False, τ = 1) are exact small integers that rise block
+    by block along the classes, with many exact ties in every block: the C++ epilogue fills its
+    top-c list in the first block of 64 and later blocks then hold ties above its c-th value."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randint(1, 4, (n, d), generator=g).float()  # positive row sums
+    block = torch.arange(k) // 64
+    block[(k // 64) * 64:] = 0  # the ragged tail (offered one by one) stays low
+    levels = torch.randint(0, 4, (k,), generator=g) + 2 * block
+    W = levels.float().unsqueeze(1) * torch.ones(1, d)  # logit = level · sum(x): ties by level
+    return X, W
+
+
+@pytest.mark.parametrize("c", [1, 4])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ties_above_the_running_threshold_go_to_lower_class_index(backend, c):
+    X, W = tied_rising_rows()
+    got = dk.score(X, W, c=c, normalize=False, temperature=1.0, backend=backend)
+    want = scores64(X, W, c=c, normalize=False, temperature=1.0)
+    assert torch.equal(got.topk_indices, want["topk_indices"])
+    assert torch.equal(got.topk_values.double(), want["topk_values"])
+    for field in SCORE_FIELDS:
+        assert_close_contract(getattr(got, field), want[field], torch.float32, field)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_unnormalized_logits(backend):
     X, W = make_inputs(33, 17, 9, seed=5)
@@ -378,3 +403,4 @@ def test_outside_sum_survives_a_gap_beyond_the_exponent_range(backend, c):
     want = scores64(X, W, temperature=0.03125, c=c, normalize=False)
     for name in ("delta_energy", "energy", "msp", "max_logit"):
         assert_close_contract(getattr(got, name), want[name], torch.float32, name)
+

@@ -311,11 +311,9 @@ int64_t reduce_chunk(at::Tensor& logits, int64_t rows, int64_t start, int64_t c,
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = start + r;
-        if (!scale_row_f32(lg + r * K, K, s.row_f32[r], s.col)) {
+        if (!scale_reduce_row_f32(lg + r * K, K, s.row_f32[r], s.col, c, tv + n * c, idx + n * c, lo + n)) {
           flag(n);
-          continue;
         }
-        lo[n] = reduce_row_f32(lg + r * K, K, c, tv + n * c, idx + n * c);
       }
     });
   }

@@ -77,18 +77,31 @@ inline T finish(T max, double sum) {
                    : -std::numeric_limits<T>::infinity();
 }
 
-// Sum of exp(v - shift) over the v < threshold of a block of 64 logits (v - shift <= 0 there).
+// The block operations of one instruction set, on blocks of 64 logits:
+//  - run: the sum of exp(v - shift) over the v < threshold (v - shift <= 0 there), adding to
+//    `equal` how many v equal the threshold;
+//  - above: a bit mask of the v > value (bit t for element t), so that a block holding new
+//    top-c candidates is walked candidate by candidate instead of element by element (a scalar
+//    compare and an unpredictable branch per element cost a quarter of the epilogue).
 struct GenericBlockSum {
   static constexpr int64_t kBlock = 64;
-  static float run(const float* block, float threshold, float shift) {
+  static float run(const float* block, float threshold, float shift, int64_t& equal) {
     float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+    int64_t same = 0;
+#pragma omp simd reduction(+ : sum, same)
     for (int64_t t = 0; t < kBlock; ++t) {
       const bool outside = block[t] < threshold;
       const float e = exp_nonpositive(outside ? block[t] - shift : 0.0f);
       sum += outside ? e : 0.0f;
+      same += block[t] == threshold;
     }
+    equal += same;
     return sum;
+  }
+  static uint64_t above(const float* block, float value) {
+    uint64_t mask = 0;
+    for (int64_t t = 0; t < kBlock; ++t) mask |= static_cast<uint64_t>(block[t] > value) << t;
+    return mask;
   }
 };
 
@@ -97,16 +110,29 @@ struct GenericBlockSum {
 // it only with AVX-512 masks), which made the exponentials the epilogue's whole cost.
 struct Avx2BlockSum {
   static constexpr int64_t kBlock = 64;
-  __attribute__((target("avx2,fma"))) static float run(const float* block, float threshold, float shift) {
+  __attribute__((target("avx2,fma"))) static float run(const float* block, float threshold, float shift,
+                                                       int64_t& equal) {
     const __m256 thr = _mm256_set1_ps(threshold), sh = _mm256_set1_ps(shift);
     __m256 acc = _mm256_setzero_ps();
+    int same = 0;
     for (int64_t t = 0; t < kBlock; t += 8) {
       const __m256 v = _mm256_loadu_ps(block + t);
       const __m256 outside = _mm256_cmp_ps(v, thr, _CMP_LT_OQ);
+      same += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, thr, _CMP_EQ_OQ)));
       const __m256 e = exp_nonpositive_avx2(_mm256_and_ps(outside, _mm256_sub_ps(v, sh)));
       acc = _mm256_add_ps(acc, _mm256_and_ps(outside, e));
     }
+    equal += same;
     return sum_lanes_avx2(acc);
+  }
+  __attribute__((target("avx2,fma"))) static uint64_t above(const float* block, float value) {
+    const __m256 limit = _mm256_set1_ps(value);
+    uint64_t mask = 0;
+    for (int64_t t = 0; t < kBlock; t += 8) {
+      const __m256 v = _mm256_loadu_ps(block + t);
+      mask |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, limit, _CMP_GT_OQ))) << t;
+    }
+    return mask;
   }
 };
 
@@ -129,17 +155,29 @@ struct Sse2BlockSum {
     const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(n), _mm_set1_epi32(127)), 23);
     return _mm_mul_ps(y, _mm_castsi128_ps(bits));
   }
-  static float run(const float* block, float threshold, float shift) {
+  static float run(const float* block, float threshold, float shift, int64_t& equal) {
     const __m128 thr = _mm_set1_ps(threshold), sh = _mm_set1_ps(shift);
     __m128 acc = _mm_setzero_ps();
+    int same = 0;
     for (int64_t t = 0; t < kBlock; t += 4) {
       const __m128 v = _mm_loadu_ps(block + t);
       const __m128 outside = _mm_cmplt_ps(v, thr);
+      same += __builtin_popcount(_mm_movemask_ps(_mm_cmpeq_ps(v, thr)));
       const __m128 e = exp_nonpositive4(_mm_and_ps(outside, _mm_sub_ps(v, sh)));
       acc = _mm_add_ps(acc, _mm_and_ps(outside, e));
     }
+    equal += same;
     const __m128 pair = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
     return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+  }
+  static uint64_t above(const float* block, float value) {
+    const __m128 limit = _mm_set1_ps(value);
+    uint64_t mask = 0;
+    for (int64_t t = 0; t < kBlock; t += 4) {
+      const __m128 v = _mm_loadu_ps(block + t);
+      mask |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpgt_ps(v, limit))) << t;
+    }
+    return mask;
   }
 };
 using PortableBlockSum = Sse2BlockSum;
@@ -147,62 +185,115 @@ using PortableBlockSum = Sse2BlockSum;
 using PortableBlockSum = GenericBlockSum;
 #endif
 
-// Three vectorised passes over a row that sits in L1:
-//  1. the top-c list: blocks of 64 whose maximum is not above the list's c-th value (once the
-//     list is full) are skipped after one vector max; elements of other blocks are offered to
-//     the list one by one (a comparison each; no exponential on the scalar path);
-//  2. the largest logit outside the list, m, and how many logits equal the c-th value t (those
-//     beyond the list's own copies of t are outside it: equal values rank by lower index);
-//  3. the outside sum of exp(v - m) over v < t, plus one term exp(t - m) per outside copy of t.
+// Scales block[0..n) in place (v = (v * col[t]) * scale, col may be null) and returns the
+// block's largest logit; `probe` gains v * 0 per element, which is 0 for every finite v and NaN
+// for NaN and ±inf, so one vectorised sum tells whether a whole row is finite.
+inline float scale_block(float* block, int64_t n, float scale, const float* col, float& probe) {
+  float max = -std::numeric_limits<float>::infinity();
+  float p = 0.0f;
+  if (col == nullptr) {
+#pragma omp simd reduction(max : max) reduction(+ : p)
+    for (int64_t t = 0; t < n; ++t) {
+      const float v = block[t] * scale;
+      block[t] = v;
+      max = v > max ? v : max;
+      p += v * 0.0f;
+    }
+  } else {
+#pragma omp simd reduction(max : max) reduction(+ : p)
+    for (int64_t t = 0; t < n; ++t) {
+      const float v = (block[t] * col[t]) * scale;
+      block[t] = v;
+      max = v > max ? v : max;
+      p += v * 0.0f;
+    }
+  }
+  probe += p;
+  return max;
+}
+
+// Two vectorised passes over a row of raw dot products that sits in L1:
+//  1. scale each block into logits (in place) and take its maximum; a block whose maximum is
+//     not above the list's c-th value (once the list is full) adds nothing to the top-c list.
+//     Other blocks offer only their elements above that value, in column order, found with one
+//     vector compare (no exponential, no per-element branch);
+//  2. with t the list's c-th value: the sum of exp(v - t) over the v < t, and how many logits
+//     equal t (those beyond the list's own copies of t are outside it: equal values rank by
+//     lower index, and each adds exp(0) = 1).
+// Shifting by t instead of the largest outside logit saves the pass that finds it: the terms
+// are still <= 1 and each is within ~2 ulp. Only when the sum falls below 2^-60 (every outside
+// logit more than ~41 below t) could clamped terms (exp(-87.3) each, row_reduce.h) matter, and
+// then the outside maximum is found and the sum redone with it as the shift, as before.
 // Nothing is ever subtracted from a sum, so confident rows keep every digit (row_reduce.h).
-template <typename BlockSum>
-inline float reduce_row_f32_body(const float* row, int64_t K, int64_t c, float* top_values,
-                                 int64_t* top_indices) {
-  constexpr int64_t kBlock = BlockSum::kBlock;
+template <typename Ops>
+inline bool scale_reduce_row_f32_body(float* row, int64_t K, float scale, const float* col, int64_t c,
+                                      float* top_values, int64_t* top_indices, float* lse_outside) {
+  constexpr int64_t kBlock = Ops::kBlock;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   TopList<float> top{top_values, top_indices, c};
   float evicted = kNegInf;
+  float probe = 0.0f;
+  const auto offer_each = [&](const float* values, int64_t first, int64_t n) {
+    for (int64_t t = 0; t < n; ++t) {
+      if (top.accepts(values[t])) top.insert(values[t], first + t, evicted);
+    }
+  };
   int64_t j = 0;
   for (; j + kBlock <= K; j += kBlock) {
-    const float* block = row + j;
-    float block_max = kNegInf;
-#pragma omp simd reduction(max : block_max)
-    for (int64_t t = 0; t < kBlock; ++t) block_max = block[t] > block_max ? block[t] : block_max;
-    if (top.full() && block_max <= top.values[c - 1]) continue;
-    for (int64_t t = 0; t < kBlock; ++t) {
-      if (top.accepts(block[t])) top.insert(block[t], j + t, evicted);
+    float* block = row + j;
+    const float block_max = scale_block(block, kBlock, scale, col == nullptr ? nullptr : col + j, probe);
+    if (!top.full()) {
+      offer_each(block, j, kBlock);
+    } else if (block_max > top.values[c - 1]) {
+      // The list's c-th value only rises while a block is walked, so every element the walk
+      // skips (not above the value at the start) would have been refused anyway.
+      for (uint64_t mask = Ops::above(block, top.values[c - 1]); mask != 0; mask &= mask - 1) {
+        const int64_t t = __builtin_ctzll(mask);
+        if (top.accepts(block[t])) top.insert(block[t], j + t, evicted);
+      }
     }
   }
-  for (; j < K; ++j) {
-    if (top.accepts(row[j])) top.insert(row[j], j, evicted);
+  scale_block(row + j, K - j, scale, col == nullptr ? nullptr : col + j, probe);
+  offer_each(row + j, j, K - j);
+  if (!(probe == 0.0f)) return false;
+  if (K == c) {
+    *lse_outside = kNegInf;
+    return true;
   }
-  if (K == c) return kNegInf;
 
   const float threshold = top.values[c - 1];
   int64_t in_list = 0;  // copies of the threshold inside the list
   for (int64_t i = 0; i < c; ++i) in_list += top.values[i] == threshold;
-  float outside_max = kNegInf;
   int64_t equal = 0;
-#pragma omp simd reduction(max : outside_max) reduction(+ : equal)
-  for (int64_t k = 0; k < K; ++k) {
-    const float v = row[k];
-    const float below = v < threshold ? v : kNegInf;
-    outside_max = below > outside_max ? below : outside_max;
-    equal += v == threshold;
+  double sum = 0.0;
+  int64_t k = 0;
+  for (; k + kBlock <= K; k += kBlock) sum += Ops::run(row + k, threshold, threshold, equal);
+  for (; k < K; ++k) {
+    if (row[k] < threshold) sum += std::exp(static_cast<double>(row[k] - threshold));
+    equal += row[k] == threshold;
   }
   const int64_t equal_outside = equal - in_list;
-  if (equal_outside > 0) outside_max = threshold;
-
-  const float shift = outside_max;
-  // With outside copies of t the shift is t itself and each copy adds exp(0) = 1. Without any,
-  // nothing is added: exp(t - m) may overflow (a gap above ~709) and 0 * inf would be NaN.
-  double sum = equal_outside > 0 ? static_cast<double>(equal_outside) : 0.0;
-  int64_t k = 0;
-  for (; k + kBlock <= K; k += kBlock) sum += BlockSum::run(row + k, threshold, shift);
-  for (; k < K; ++k) {
-    if (row[k] < threshold) sum += std::exp(static_cast<double>(row[k] - shift));
+  if (equal_outside > 0 || sum >= 0x1p-60) {
+    *lse_outside = finish(threshold, sum + static_cast<double>(equal_outside));
+    return true;
   }
-  return finish(shift, sum);
+
+  // Every outside logit lies far below t: shift by the largest of them instead.
+  float outside_max = kNegInf;
+#pragma omp simd reduction(max : outside_max)
+  for (int64_t i = 0; i < K; ++i) {
+    const float v = row[i] < threshold ? row[i] : kNegInf;
+    outside_max = v > outside_max ? v : outside_max;
+  }
+  int64_t unused = 0;
+  sum = 0.0;
+  k = 0;
+  for (; k + kBlock <= K; k += kBlock) sum += Ops::run(row + k, threshold, outside_max, unused);
+  for (; k < K; ++k) {
+    if (row[k] < threshold) sum += std::exp(static_cast<double>(row[k] - outside_max));
+  }
+  *lse_outside = finish(outside_max, sum);
+  return true;
 }
 
 // x * 0 is 0 for every finite x and NaN for NaN and ±inf, so one vectorised sum of them tells
@@ -239,7 +330,8 @@ inline float lse_row_f32_body(const float* row, int64_t n) {
   for (int64_t j = 0; j < n; ++j) max = row[j] > max ? row[j] : max;
   double sum = 0.0;
   int64_t j = 0;
-  for (; j + kBlock <= n; j += kBlock) sum += BlockSum::run(row + j, kInf, max);
+  int64_t unused = 0;
+  for (; j + kBlock <= n; j += kBlock) sum += BlockSum::run(row + j, kInf, max, unused);
   for (; j < n; ++j) sum += std::exp(static_cast<double>(row[j] - max));
   return finish(max, sum);
 }
@@ -277,12 +369,14 @@ Isa isa() {
 
 #if DK_X86_VARIANTS
 DK_TARGET("avx512f,avx2,fma")
-float reduce_row_f32_avx512(const float* row, int64_t K, int64_t c, float* tv, int64_t* ti) {
-  return reduce_row_f32_body<GenericBlockSum>(row, K, c, tv, ti);
+bool scale_reduce_row_f32_avx512(float* row, int64_t K, float scale, const float* col, int64_t c, float* tv,
+                                 int64_t* ti, float* lse) {
+  return scale_reduce_row_f32_body<GenericBlockSum>(row, K, scale, col, c, tv, ti, lse);
 }
 DK_TARGET("avx2,fma")
-float reduce_row_f32_avx2(const float* row, int64_t K, int64_t c, float* tv, int64_t* ti) {
-  return reduce_row_f32_body<Avx2BlockSum>(row, K, c, tv, ti);
+bool scale_reduce_row_f32_avx2(float* row, int64_t K, float scale, const float* col, int64_t c, float* tv,
+                               int64_t* ti, float* lse) {
+  return scale_reduce_row_f32_body<Avx2BlockSum>(row, K, scale, col, c, tv, ti, lse);
 }
 DK_TARGET("avx512f,avx2,fma")
 bool scale_row_f32_avx512(float* row, int64_t K, float scale, const float* col_scale) {
@@ -304,16 +398,19 @@ double sum_squares_f32_avx2(const float* row, int64_t D) { return sum_squares_f3
 
 }  // namespace
 
-float reduce_row_f32(const float* row, int64_t K, int64_t c, float* top_values,
-                     int64_t* top_indices) {
+bool scale_reduce_row_f32(float* row, int64_t K, float scale, const float* col_scale, int64_t c,
+                          float* top_values, int64_t* top_indices, float* lse_outside) {
 #if DK_X86_VARIANTS
   switch (isa()) {
-    case Isa::kAvx512: return reduce_row_f32_avx512(row, K, c, top_values, top_indices);
-    case Isa::kAvx2: return reduce_row_f32_avx2(row, K, c, top_values, top_indices);
+    case Isa::kAvx512:
+      return scale_reduce_row_f32_avx512(row, K, scale, col_scale, c, top_values, top_indices, lse_outside);
+    case Isa::kAvx2:
+      return scale_reduce_row_f32_avx2(row, K, scale, col_scale, c, top_values, top_indices, lse_outside);
     case Isa::kDefault: break;
   }
 #endif
-  return reduce_row_f32_body<PortableBlockSum>(row, K, c, top_values, top_indices);
+  return scale_reduce_row_f32_body<PortableBlockSum>(row, K, scale, col_scale, c, top_values, top_indices,
+                                                     lse_outside);
 }
 
 bool scale_row_f32(float* row, int64_t K, float scale, const float* col_scale) {

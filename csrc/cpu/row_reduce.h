@@ -48,11 +48,14 @@ inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
-// Reduce one row of float logits. top_values/top_indices (length c, 1 <= c <= K) receive the
-// sorted top-c (ties: lower index first); returns the log-sum-exp of the other K - c logits
-// (-inf when K == c). The logits must be finite (scale_row_f32 checks that).
-float reduce_row_f32(const float* row, int64_t K, int64_t c, float* top_values,
-                     int64_t* top_indices);
+// The epilogue of a GEMM on rows as given, for one row: row[j] = (row[j] * col_scale[j]) * scale
+// in place (col_scale may be null: row[j] * scale), then the row of logits is reduced in the
+// same visit: top_values/top_indices (length c, 1 <= c <= K) receive the sorted top-c (ties:
+// lower index first) and lse_outside the log-sum-exp of the other K - c logits (-inf when
+// K == c). Returns false (outputs unspecified) when any logit is NaN or ±inf, which is how a
+// non-finite input or an overflowing logit is caught without a pass of its own.
+bool scale_reduce_row_f32(float* row, int64_t K, float scale, const float* col_scale, int64_t c,
+                          float* top_values, int64_t* top_indices, float* lse_outside);
 
 // Same for double logits (float64 inputs: the oracle path, plain scalar code).
 double reduce_row_f64(const double* row, int64_t K, int64_t c, double* top_values,
