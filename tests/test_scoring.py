@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from oracle import assert_close_contract, assert_indices_match, confident_rows, scores64
 
 import deltakern as dk
+from deltakern.core.constants import MODES
 from deltakern.ops.triton import interpreter_active
 from deltakern.reference import scoring as reference
 
@@ -404,3 +406,22 @@ def test_outside_sum_survives_a_gap_beyond_the_exponent_range(backend, c):
     for name in ("delta_energy", "energy", "msp", "max_logit"):
         assert_close_contract(getattr(got, name), want[name], torch.float32, name)
 
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+def test_top1_derivation_is_bit_identical_to_the_general_one(mode, out_dtype):
+    # c = 1 (the default) takes a shorter derivation; it must not move a single bit.
+    from deltakern.core import state
+
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    top = torch.randn(n, 1, generator=g, dtype=torch.float64) * 30
+    outside = top[:, 0] - torch.rand(n, generator=g, dtype=torch.float64) * 200 + 5  # gaps either way
+    outside[:7] = -math.inf  # K == c: nothing outside the list
+    outside[7:20] = top[7:20, 0]  # ties with the top logit
+    indices = torch.randint(0, 1000, (n, 1), generator=g)
+    for reset in (0.0, -25.0, 40.0):
+        fast = state.derive_scores(top, indices, outside, reset_logit=reset, mode=mode, out_dtype=out_dtype)
+        general = state._derive(top, indices, outside, reset_logit=reset, mode=mode, out_dtype=out_dtype)
+        for name, value in general.as_dict().items():
+            assert torch.equal(getattr(fast, name), value), name

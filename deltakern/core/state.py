@@ -66,6 +66,15 @@ def derive_scores(
     ``LSE(v_{i+1}..v_c, i copies of r, o)``. Prefix/suffix log-sum-exps come from
     ``torch.logcumsumexp``, so every term is a sum of positive quantities.
     """
+    if mode not in ("separate", "joint"):  # validated by the public functions; a guard for internal callers
+        raise InvalidArgument(f"mode must be 'separate' or 'joint', got {mode!r}")
+    if topk_values.shape[1] == 1:
+        return _derive_top1(topk_values, topk_indices, lse_outside, reset_logit=reset_logit, out_dtype=out_dtype)
+    return _derive(topk_values, topk_indices, lse_outside, reset_logit=reset_logit, mode=mode, out_dtype=out_dtype)
+
+
+def _derive(topk_values, topk_indices, lse_outside, *, reset_logit, mode, out_dtype) -> Scores:
+    """:func:`derive_scores` for any c (prefix and suffix log-sum-exps over the top-c)."""
     v = topk_values.to(torch.float64)
     outside = lse_outside.to(torch.float64)
     c = v.shape[1]
@@ -84,14 +93,34 @@ def derive_scores(
         counts = torch.arange(1, c + 1, dtype=torch.float64, device=v.device)
         resets = (torch.log(counts) + reset_logit).unsqueeze(0)  # log(i * e^r)
         edited = torch.logaddexp(torch.logaddexp(suffix_after, resets), outside.unsqueeze(1))
-    else:  # validated by the public functions; a guard for internal callers
-        raise InvalidArgument(f"mode must be 'separate' or 'joint', got {mode!r}")
 
     terms = energy.unsqueeze(1) - edited
     delta = terms.sum(dim=1) if mode == "separate" else terms[:, -1]
     top1 = v[:, 0]
     return Scores(
         delta_energy=delta.to(out_dtype),
+        delta_energy_terms=terms.to(out_dtype),
+        energy=energy.to(out_dtype),
+        max_logit=top1.to(out_dtype),
+        msp=torch.exp(top1 - energy).to(out_dtype),
+        pred=topk_indices[:, 0].to(torch.int64),
+        topk_values=topk_values.to(out_dtype),
+        topk_indices=topk_indices.to(torch.int64),
+    )
+
+
+def _derive_top1(topk_values, topk_indices, lse_outside, *, reset_logit, out_dtype) -> Scores:
+    """:func:`derive_scores` for c = 1 (the default), in a third of the tensor operations: both
+    modes reset the one top logit, ``edited = LSE(r, o)``, and every prefix or suffix of the
+    top-1 list is v itself or empty. Bit-identical to :func:`_derive` with c = 1 (an empty LSE
+    is -inf, and ``logaddexp(-inf, x)`` is x exactly), which the tests check."""
+    v = topk_values.to(torch.float64)
+    outside = lse_outside.to(torch.float64)
+    energy = torch.logaddexp(v[:, 0], outside)
+    terms = energy.unsqueeze(1) - torch.logaddexp(outside, torch.full_like(outside, reset_logit)).unsqueeze(1)
+    top1 = v[:, 0]
+    return Scores(
+        delta_energy=terms[:, 0].to(out_dtype),
         delta_energy_terms=terms.to(out_dtype),
         energy=energy.to(out_dtype),
         max_logit=top1.to(out_dtype),
