@@ -370,3 +370,22 @@ def test_gpu_decoding_matches_the_cpu_path(tmp_path):
     for position in range(4):  # nvJPEG and the float resize on the GPU: close to the CPU path, not equal
         diff = (out.images[position].cpu() - cpu[position][1]).abs()
         assert diff.mean() <= 0.03 and diff.max() <= 0.5, (items[position].id, diff.mean(), diff.max())
+
+
+def test_passthrough_dataset_reads_each_file_once(tmp_path, monkeypatch):
+    items, _ = mixed_folder(tmp_path)
+    reads = []
+
+    def counting(read):
+        def wrapper(item):
+            reads.append(item.id)
+            return read(item)
+        return wrapper
+
+    monkeypatch.setattr(data, "read_image_bytes", counting(data.read_image_bytes))
+    monkeypatch.setattr(gpu_jpeg, "read_image_bytes", counting(gpu_jpeg.read_image_bytes))
+    ds = gpu_jpeg.JpegPassthroughDataset(items, pil_preprocess)
+    for i, item in enumerate(items):
+        reads.clear()
+        ds[i]
+        assert reads == [item.id], (item.id, reads)  # a PNG, an unreadable JPEG or a missing file: once

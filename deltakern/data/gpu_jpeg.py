@@ -124,13 +124,14 @@ class JpegPassthroughDataset(DecodeDataset):
         start = time.perf_counter()
         try:
             data = read_image_bytes(self.items[i])
-        except OSError:
-            return super().__getitem__(i)  # fails there with the CPU path's reason
+        except OSError as exc:
+            return self.read_failure(i, exc, start)  # the CPU path's reason
+        # Anything else is decoded here from the bytes already read (not read a second time).
         if not is_jpeg(data):
-            return super().__getitem__(i)
+            return self.decode_item(i, data, start)
         orientation = jpeg_orientation(data)
         if orientation is None:
-            return super().__getitem__(i)
+            return self.decode_item(i, data, start)
         raw = RawJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation if self.exif_transpose else 1)
         return i, raw, None, time.perf_counter() - start
 

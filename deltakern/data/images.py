@@ -415,8 +415,17 @@ class DecodeDataset(torch.utils.data.Dataset):
         try:
             data = read_image_bytes(self.items[i])
         except OSError as exc:
-            # The path is in the record's source; strerror keeps the reason the same everywhere.
-            return i, None, f"cannot read file: {exc.strerror or _reason(exc)}", time.perf_counter() - start
+            return self.read_failure(i, exc, start)
+        return self.decode_item(i, data, start)
+
+    @staticmethod
+    def read_failure(i: int, exc: OSError, start: float) -> tuple[int, None, str, float]:
+        """Item ``i`` when its file cannot be read."""
+        # The path is in the record's source; strerror keeps the reason the same everywhere.
+        return i, None, f"cannot read file: {exc.strerror or _reason(exc)}", time.perf_counter() - start
+
+    def decode_item(self, i: int, data: bytes, start: float) -> tuple[int, torch.Tensor | None, str | None, float]:
+        """Item ``i`` from its bytes already read (``start``: when reading began, for the seconds)."""
         try:
             rgb = decode_image(data, exif_transpose=self.exif_transpose, draft_size=self.draft_size)
         except ImageDecodeError as exc:  # a file that cannot be decoded is data, not a crash
