@@ -7,9 +7,12 @@ Two parts (``--part``), each a few minutes on 2 cores:
     ``--images`` photos (``--photo-size``, default 500x375 like ImageNet's) scored by
     :func:`deltakern.pipeline.run_score` with ``--model`` (random weights), against the
     encoder's standalone rate on the same images already decoded and preprocessed (tensors in
-    memory, same batch size, precision and torch threads). Configurations, interleaved
-    ``--repeats`` times: the new default decode workers / torch threads, the old default
-    (``min(8, cores)`` workers, torch's own threads), and ``--precision fp32`` beside ``auto``.
+    memory, same batch size, precision and torch threads), timed right before each run: the
+    ratio reported is the median over ``--repeats`` of each run's rate over its neighbouring
+    encoder rate (on a virtual machine the rate drifts by 10-20% within minutes). Configurations,
+    interleaved: the new default decode workers / torch threads, the old default
+    (``min(8, cores)`` workers, torch's own threads), and ``--precision fp32`` beside ``auto``
+    (``--only NAME ...`` keeps some of them).
     With ``--explore``: the new default beside other splits of the cores (1 worker and 1 thread,
     no workers, one worker per core with 1 thread).
 ``photos``
@@ -177,18 +180,30 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
             "workers0_threadsN": {"workers": 0, "precision": "auto", "threads": cores},
             f"workers{cores}_threads1": {"workers": cores, "precision": "auto", "threads": 1},
         }
+    if args.only:
+        unknown = sorted(set(args.only) - set(configs))
+        if unknown:
+            raise SystemExit(f"--only: unknown configuration(s) {unknown}; choose from {sorted(configs)}")
+        configs = {k: v for k, v in configs.items() if k in args.only}
     resolved = {p: resolve_precision(p, torch.device("cpu")) for p in ("auto", "fp32")}
     e2e: dict[str, list[float]] = {k: [] for k in configs}
     alone: dict[str, list[float]] = {p: [] for p in sorted(set(resolved.values()))}
     runs: dict[str, dict] = {}
+    paired: dict[str, list[float]] = {k: [] for k in configs}
+
+    def encoder_alone(precision: str) -> float:
+        with torch_threads(new.torch_threads):
+            encode_all(clip, pre[: args.batch_size], args.batch_size, precision)  # warm-up
+            t0 = time.perf_counter()
+            encode_all(clip, pre, args.batch_size, precision)
+            return len(pre) / (time.perf_counter() - t0)
+
     for rep in range(args.repeats):
-        for precision in alone:
-            with torch_threads(new.torch_threads):
-                encode_all(clip, pre[: args.batch_size], args.batch_size, precision)  # warm-up
-                t0 = time.perf_counter()
-                encode_all(clip, pre, args.batch_size, precision)
-                alone[precision].append(len(pre) / (time.perf_counter() - t0))
         for name, cfg in configs.items():
+            # The encoder alone right before each run: on a shared or virtual machine the rate
+            # drifts by 10-20% over minutes, so each run is divided by its neighbour's rate.
+            reference = encoder_alone(resolved[cfg["precision"]])
+            alone[resolved[cfg["precision"]]].append(reference)
             cfg = dict(cfg)
             threads = cfg.pop("threads", None)  # with an explicit workers count the run leaves threads alone
             with warnings.catch_warnings(), torch_threads(threads):
@@ -200,11 +215,12 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
                 )
                 stats = run_score(settings, progress=False)
             e2e[name].append(stats["images_per_s"])
+            paired[name].append(stats["images_per_s"] / reference)
             runs[name] = {k: stats.get(k) for k in ("images", "decode_s", "data_wait_s", "encode_s", "score_s")}
             runs[name]["parallelism"] = stats.get("parallelism")
     med = {k: statistics.median(v) for k, v in e2e.items()}
     alone_med = {k: statistics.median(v) for k, v in alone.items()}
-    ratio = {k: med[k] / alone_med[resolved[configs[k]["precision"]]] for k in configs}
+    ratio = {k: statistics.median(v) for k, v in paired.items()}
     return {
         "images": args.images, "photo_size": args.photo_size, "cores": cores, "model": args.model,
         "batch_size": args.batch_size, "resolved_precision": resolved,
@@ -212,7 +228,9 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
         "old_default": {"workers": old_workers, "torch_threads": torch.get_num_threads()},
         "e2e_images_per_s": med, "e2e_images_per_s_all": e2e,
         "encoder_alone_images_per_s": alone_med, "encoder_alone_all": alone,
-        "e2e_over_encoder": ratio, "last_runs": runs,
+        "e2e_over_encoder": ratio, "e2e_over_encoder_all": paired,
+        "e2e_over_encoder_of_medians": {k: med[k] / alone_med[resolved[configs[k]["precision"]]] for k in configs},
+        "last_runs": runs,
     }
 
 
@@ -225,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=512, help="e2e: images to score (default 512)")
     p.add_argument("--photo-size", default="500x375", help="e2e: WIDTHxHEIGHT of the photos (default 500x375)")
     p.add_argument("--classes", type=int, default=100, help="e2e: class names (default 100)")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="e2e: run only these configurations (e.g. new_default_auto)")
     p.add_argument("--explore", action="store_true",
                    help="e2e: instead of old vs new default, the new default beside other worker/thread splits")
     p.add_argument("--photos", type=int, default=48, help="photos: large JPEGs to decode (default 48)")
