@@ -417,6 +417,7 @@ def test_eval_negative_labels_row_equals_direct_mining(tmp_path, tiny, capsys):
 
 
 def test_eval_negative_labels_second_run_reads_the_cache(tmp_path, tiny, monkeypatch):
+    import deltakern.clip.models as models_module
     import deltakern.clip.negatives as negatives_module
 
     cache = tmp_path / "cache"
@@ -428,8 +429,12 @@ def test_eval_negative_labels_second_run_reads_the_cache(tmp_path, tiny, monkeyp
     def no_mining(*args, **kwargs):
         raise AssertionError("the negative labels were mined again instead of read from the cache")
 
+    def no_model(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded although its negative labels are cached")
+
     monkeypatch.setattr(negatives_module, "build_class_embeddings", no_mining)
     monkeypatch.setattr(negatives_module, "cached_class_embeddings", no_mining)
+    monkeypatch.setattr(models_module, "load_model", no_model)
     assert cli.main(neg_argv(tiny, tmp_path / "b", cache, "--n-negative", "4")) == 0
     assert list(cache.glob("negatives-*.safetensors")) == entries and entries[0].stat().st_mtime_ns == stamp
     assert neglabel_rows(tmp_path / "b") == neglabel_rows(tmp_path / "a")

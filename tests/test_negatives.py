@@ -113,6 +113,26 @@ def test_mining_is_deterministic_cached_and_keyed(clip, tmp_path):
     assert len(list(cache.glob("negatives-*.safetensors"))) == 4
 
 
+def test_a_mined_set_is_found_without_the_model(clip, tmp_path):
+    from deltakern.clip.negatives import find_mined_negative_labels, mine_negative_labels
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    cache = tmp_path / "cache"
+    templates = ["a photo of a {}."]
+    find = lambda **kw: find_mined_negative_labels(clip.name, kw.pop("pretrained", "none"), ID, vocab, 4, templates,  # noqa: E731
+                                                   cache_dir=cache, **kw)  # fmt: skip
+    assert find() is None  # never mined
+    mined = mine_negative_labels(clip, ID, vocab, 4, templates, cache_dir=cache)
+    for found in (find(), find(pretrained="None")):  # any spelling of random weights is the same key
+        assert found.names == mined.names and torch.equal(found.embeddings, mined.embeddings)
+        assert torch.equal(found.closeness, mined.closeness)
+    # Random weights of another seed, or other weights, are another entry.
+    assert find(seed=1) is None and find(pretrained="laion2b_s34b_b79k") is None
+    with pytest.raises(ValueError, match="n_negative=11 exceeds"):
+        find_mined_negative_labels(clip.name, "none", ID, vocab, 11, templates, cache_dir=cache)
+
+
 def test_mining_bad_arguments(clip, tmp_path):
     from deltakern.clip.negatives import mine_negative_labels
 

@@ -95,6 +95,74 @@ def mining_key(model_name: str, weights: str, vocabulary: Sequence[str], id_clas
     }
 
 
+def _mining_entry(
+    model_name: str,
+    pretrained: str,
+    id_classnames: Sequence[str],
+    vocabulary: str | os.PathLike | Sequence[str],
+    m: int,
+    templates: Sequence[Template],
+    *,
+    percentile: float,
+    cache_dir: str | os.PathLike | None,
+    seed: int,
+) -> tuple[list[str], list[str], dict, Path]:
+    """Checked ``(id_classnames, usable words, cache key, cache path)`` of one mining."""
+    from deltakern.clip.models import NO_WEIGHTS, weights_identity
+
+    id_classnames = check_classnames(id_classnames, "id_classnames")
+    words = read_vocabulary(vocabulary, id_classnames) if isinstance(vocabulary, (str, os.PathLike)) else [
+        w for w in dict.fromkeys(check_classnames(vocabulary, "vocabulary")) if w.lower() not in {c.lower() for c in id_classnames}
+    ]
+    m = check_int_range("n_negative", m, 1, 1 << 30)
+    if m > len(words):
+        raise InvalidArgument(
+            f"n_negative={m} exceeds the {len(words)} usable vocabulary entries (after removing duplicates and ID class names)",
+            param="n_negative",
+        )
+    percentile = check_open_unit("percentile", percentile)
+    weights = weights_identity(pretrained)
+    if weights == NO_WEIGHTS:
+        weights = f"{NO_WEIGHTS}:seed={seed}"
+    key = mining_key(model_name, weights, words, id_classnames, templates, m, percentile)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"negatives-{digest}.safetensors"
+    return id_classnames, words, key, path
+
+
+def _read_entry(path: Path, device: torch.device | str) -> NegativeLabels | None:
+    """The mined labels stored at ``path``, or None when nothing is stored there."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    stored = load_file(str(path))
+    with open(path.with_suffix(".json"), encoding="utf-8") as f:
+        names = json.load(f)["names"]
+    return NegativeLabels(names, stored["embeddings"].to(device), stored["closeness"].to(device))
+
+
+def find_mined_negative_labels(
+    model_name: str,
+    pretrained: str,
+    id_classnames: Sequence[str],
+    vocabulary: str | os.PathLike | Sequence[str],
+    m: int,
+    templates: Sequence[Template],
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> NegativeLabels | None:
+    """What :func:`mine_negative_labels` would return for the model ``model_name`` with weights
+    ``pretrained`` when it has already mined it (read from the cache), or None, without creating
+    the model: a caller with a cache hit never pays for loading the text encoder."""
+    *_, path = _mining_entry(model_name, pretrained, id_classnames, vocabulary, m, templates,
+                             percentile=percentile, cache_dir=cache_dir, seed=seed)  # fmt: skip
+    return _read_entry(path, device)
+
+
 def mine_negative_labels(
     clip: "ClipModel",  # noqa: F821 - deltakern.clip.models.ClipModel
     id_classnames: Sequence[str],
@@ -111,34 +179,19 @@ def mine_negative_labels(
 
     ``templates`` are those of the ID class embeddings. Results are cached under ``cache_dir``
     (default: the class-embedding cache); a changed vocabulary, class list, template set, model,
-    ``m`` or ``percentile`` is a different entry.
+    ``m`` or ``percentile`` is a different entry (:func:`find_mined_negative_labels` reads one
+    without the model).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from deltakern.clip.models import NO_WEIGHTS, weights_identity
-
-    id_classnames = check_classnames(id_classnames, "id_classnames")
-    words = read_vocabulary(vocabulary, id_classnames) if isinstance(vocabulary, (str, os.PathLike)) else [
-        w for w in dict.fromkeys(check_classnames(vocabulary, "vocabulary")) if w.lower() not in {c.lower() for c in id_classnames}
-    ]
-    m = check_int_range("n_negative", m, 1, 1 << 30)
-    if m > len(words):
-        raise InvalidArgument(
-            f"n_negative={m} exceeds the {len(words)} usable vocabulary entries (after removing duplicates and ID class names)",
-            param="n_negative",
-        )
-    percentile = check_open_unit("percentile", percentile)
-    weights = weights_identity(clip.pretrained)
-    if clip.pretrained == NO_WEIGHTS:
-        weights = f"{NO_WEIGHTS}:seed={seed}"
-    key = mining_key(clip.name, weights, words, id_classnames, templates, m, percentile)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"negatives-{digest}.safetensors"
-    if path.is_file():
-        stored = load_file(str(path))
-        with open(path.with_suffix(".json"), encoding="utf-8") as f:
-            names = json.load(f)["names"]
-        return NegativeLabels(names, stored["embeddings"].to(clip.device), stored["closeness"].to(clip.device))
+    id_classnames, words, key, path = _mining_entry(
+        clip.name, clip.pretrained, id_classnames, vocabulary, m, templates,
+        percentile=percentile, cache_dir=cache_dir, seed=seed,
+    )  # fmt: skip
+    m, percentile = key["m"], key["percentile"]  # as checked
+    cached = _read_entry(path, clip.device)
+    if cached is not None:
+        return cached
 
     W_id = cached_class_embeddings(clip, id_classnames, templates, cache_dir=cache_dir, seed=seed, autocast_dtype=autocast_dtype)
     candidates = build_class_embeddings(clip.model, clip.tokenizer, words, templates, device=clip.device, autocast_dtype=autocast_dtype)

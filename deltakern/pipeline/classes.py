@@ -107,6 +107,16 @@ class NegativePlan:
     n_negative: int
     identity: dict[str, Any]  # recorded in run.json
 
+    def cached(self, model: str, pretrained: str, *, cache_dir: str | None, seed: int, device: torch.device | str):
+        """The mined labels if ``model``/``pretrained`` already mined them (read from the cache
+        without loading the model), else None."""
+        from deltakern.clip.negatives import find_mined_negative_labels
+
+        return find_mined_negative_labels(
+            model, pretrained, self.id_names, self.vocabulary, self.n_negative, self.templates,
+            cache_dir=cache_dir, seed=seed, device=device,
+        )  # fmt: skip
+
     def mine(self, clip: Any, *, cache_dir: str | None, seed: int, autocast_dtype: torch.dtype | None):
         """The mined :class:`~deltakern.clip.negatives.NegativeLabels` (cached on disk)."""
         from deltakern.clip.negatives import mine_negative_labels

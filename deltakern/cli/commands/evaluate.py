@@ -223,15 +223,23 @@ def _mine(args, plan, W, device) -> tuple:
         )
     check_model(args.model, args.pretrained)
     plain_warnings("eval")
-    clip = load_model(args.model, args.pretrained, device=device, seed=args.seed)
-    # Checked before mining, which may embed a large vocabulary.
-    if clip.embed_dim != W.shape[1]:
-        raise InvalidArgument(
-            f"--model {args.model} --pretrained {args.pretrained} embeds text in D = {clip.embed_dim} dimensions but "
-            f"--classes and the image embeddings have D = {W.shape[1]}; give the encoder that made them"
-        )
     precision = resolve_precision("auto", device)  # what `deltakern score` uses by default
-    mined = plan.mine(clip, cache_dir=args.cache_dir, seed=args.seed, autocast_dtype=autocast_dtype(precision))
+
+    def check_width(embed_dim: int) -> None:
+        if embed_dim != W.shape[1]:
+            raise InvalidArgument(
+                f"--model {args.model} --pretrained {args.pretrained} embeds text in D = {embed_dim} dimensions but "
+                f"--classes and the image embeddings have D = {W.shape[1]}; give the encoder that made them"
+            )
+
+    # Mined before with this encoder: read back without loading the model.
+    mined = plan.cached(args.model, args.pretrained, cache_dir=args.cache_dir, seed=args.seed, device=device)
+    if mined is not None:
+        check_width(mined.embeddings.shape[1])
+    else:
+        clip = load_model(args.model, args.pretrained, device=device, seed=args.seed)
+        check_width(clip.embed_dim)  # before mining, which may embed a large vocabulary
+        mined = plan.mine(clip, cache_dir=args.cache_dir, seed=args.seed, autocast_dtype=autocast_dtype(precision))
     record = {
         "vocabulary": str(args.negative_labels),
         "vocabulary_sha256": file_sha256(args.negative_labels),
