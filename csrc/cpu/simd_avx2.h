@@ -1,5 +1,5 @@
-// AVX2+FMA building blocks shared by the CPU kernels (row_reduce.cpp, ebm_loss.cpp): GCC leaves
-// their `omp simd` exponential loops scalar for AVX2 (it vectorises them only with AVX-512
+// AVX2+FMA building blocks shared by the CPU kernels (row_reduce.cpp, ebm_loss_host.cpp): GCC
+// leaves their `omp simd` exponential loops scalar for AVX2 (it vectorises them only with AVX-512
 // masks), so the hot exponentials are written with intrinsics once, here. Each function carries
 // its own target attribute: callers pick them only when the CPU runs AVX2 (row_reduce.h's ISA
 // choice), and the translation units stay buildable for baseline x86-64.
