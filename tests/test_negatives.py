@@ -127,8 +127,9 @@ def test_a_mined_set_is_found_without_the_model(clip, tmp_path):
     for found in (find(), find(pretrained="None")):  # any spelling of random weights is the same key
         assert found.names == mined.names and torch.equal(found.embeddings, mined.embeddings)
         assert torch.equal(found.closeness, mined.closeness)
-    # Random weights of another seed, or other weights, are another entry.
+    # Random weights of another seed, other weights, or mining under bf16 autocast are another entry.
     assert find(seed=1) is None and find(pretrained="laion2b_s34b_b79k") is None
+    assert find(autocast_dtype=torch.bfloat16) is None
     with pytest.raises(ValueError, match="n_negative=11 exceeds"):
         find_mined_negative_labels(clip.name, "none", ID, vocab, 11, templates, cache_dir=cache)
 

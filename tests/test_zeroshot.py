@@ -105,6 +105,22 @@ def test_cache_hits_and_keys(clip, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_cache_key_includes_the_autocast_dtype(clip, tmp_path, monkeypatch):
+    # Class embeddings built under bf16 autocast differ from float32 ones: a run at one
+    # precision must not be served the other's entry (the key of float32 entries is unchanged).
+    key = zeroshot.cache_key("ViT-B-32", "openai", ["dog"], ["a {}."])
+    assert "autocast" not in key and key == zeroshot.cache_key("ViT-B-32", "openai", ["dog"], ["a {}."], None)
+    assert zeroshot.cache_key("ViT-B-32", "openai", ["dog"], ["a {}."], torch.bfloat16)["autocast"] == "bfloat16"
+    names, templates = ["dog", "cat", "ship"], ["a photo of a {}."]
+    fp32 = zeroshot.cached_class_embeddings(clip, names, templates, cache_dir=tmp_path, seed=3)
+    bf16 = zeroshot.cached_class_embeddings(clip, names, templates, cache_dir=tmp_path, seed=3, autocast_dtype=torch.bfloat16)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not torch.equal(fp32, bf16)
+    monkeypatch.setattr(zeroshot, "build_class_embeddings", lambda *a, **k: pytest.fail("cache should have been used"))
+    again = zeroshot.cached_class_embeddings(clip, names, templates, cache_dir=tmp_path, seed=3, autocast_dtype=torch.bfloat16)
+    assert torch.equal(again, bf16)
+    assert torch.equal(zeroshot.cached_class_embeddings(clip, names, templates, cache_dir=tmp_path, seed=3), fp32)
+
+
 def test_cache_key_includes_the_model_name(clip, tmp_path, monkeypatch):
     # Two models with the same embedding width and the same weights tag must not share an
     # entry: the model name is part of the key.

@@ -23,6 +23,7 @@ import torch
 
 from deltakern.clip.zeroshot import (
     Template,
+    autocast_field,
     build_class_embeddings,
     cached_class_embeddings,
     classnames_hash,
@@ -81,9 +82,11 @@ def select_negatives(candidates: torch.Tensor, id_embeddings: torch.Tensor, m: i
 
 
 def mining_key(model_name: str, weights: str, vocabulary: Sequence[str], id_classnames: Sequence[str],
-               templates: Sequence[Template], m: int, percentile: float) -> dict:
-    """The identity of a mined negative set (what its cache entry is keyed by)."""
+               templates: Sequence[Template], m: int, percentile: float, autocast_dtype: torch.dtype | None = None) -> dict:
+    """The identity of a mined negative set (what its cache entry is keyed by); the autocast
+    dtype of the text tower is part of it as in the class-embedding cache."""
     return {
+        **autocast_field(autocast_dtype),
         "version": MINING_VERSION,
         "model": model_name,
         "weights": weights,
@@ -106,6 +109,7 @@ def _mining_entry(
     percentile: float,
     cache_dir: str | os.PathLike | None,
     seed: int,
+    autocast_dtype: torch.dtype | None,
 ) -> tuple[list[str], list[str], dict, Path]:
     """Checked ``(id_classnames, usable words, cache key, cache path)`` of one mining."""
     from deltakern.clip.models import NO_WEIGHTS, weights_identity
@@ -124,7 +128,7 @@ def _mining_entry(
     weights = weights_identity(pretrained)
     if weights == NO_WEIGHTS:
         weights = f"{NO_WEIGHTS}:seed={seed}"
-    key = mining_key(model_name, weights, words, id_classnames, templates, m, percentile)
+    key = mining_key(model_name, weights, words, id_classnames, templates, m, percentile, autocast_dtype)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"negatives-{digest}.safetensors"
     return id_classnames, words, key, path
@@ -153,13 +157,14 @@ def find_mined_negative_labels(
     percentile: float = DEFAULT_PERCENTILE,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> NegativeLabels | None:
     """What :func:`mine_negative_labels` would return for the model ``model_name`` with weights
     ``pretrained`` when it has already mined it (read from the cache), or None, without creating
     the model: a caller with a cache hit never pays for loading the text encoder."""
     *_, path = _mining_entry(model_name, pretrained, id_classnames, vocabulary, m, templates,
-                             percentile=percentile, cache_dir=cache_dir, seed=seed)  # fmt: skip
+                             percentile=percentile, cache_dir=cache_dir, seed=seed, autocast_dtype=autocast_dtype)  # fmt: skip
     return _read_entry(path, device)
 
 
@@ -186,7 +191,7 @@ def mine_negative_labels(
 
     id_classnames, words, key, path = _mining_entry(
         clip.name, clip.pretrained, id_classnames, vocabulary, m, templates,
-        percentile=percentile, cache_dir=cache_dir, seed=seed,
+        percentile=percentile, cache_dir=cache_dir, seed=seed, autocast_dtype=autocast_dtype,
     )  # fmt: skip
     m, percentile = key["m"], key["percentile"]  # as checked
     cached = _read_entry(path, clip.device)

@@ -229,8 +229,16 @@ def default_cache_dir() -> Path:
     return Path(root) / "classifiers"
 
 
-def cache_key(model_name: str, weights: str, classnames: Sequence[str], templates: Sequence[Template]) -> dict:
-    """The identity of a class-embedding matrix: model, weights, class names, templates."""
+def cache_key(
+    model_name: str,
+    weights: str,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """The identity of a class-embedding matrix: model, weights, class names, templates, and the
+    autocast dtype the text tower ran under (absent for float32, so float32 entries keep the key
+    they had before the field existed)."""
     return {
         "version": CACHE_VERSION,
         "model": model_name,
@@ -238,7 +246,14 @@ def cache_key(model_name: str, weights: str, classnames: Sequence[str], template
         "classnames_sha256": classnames_hash(classnames),
         "templates_sha256": templates_hash(templates),
         "num_classes": len(classnames),
+        **autocast_field(autocast_dtype),
     }
+
+
+def autocast_field(autocast_dtype: torch.dtype | None) -> dict:
+    """``{"autocast": "bfloat16"}`` (or float16) for a cache key, ``{}`` for float32: embeddings
+    made under autocast differ from float32 ones, so they must not share a cache entry."""
+    return {} if autocast_dtype is None else {"autocast": str(autocast_dtype).removeprefix("torch.")}
 
 
 def cached_class_embeddings(
@@ -265,7 +280,7 @@ def cached_class_embeddings(
     weights = weights_identity(clip.pretrained)
     if clip.pretrained == NO_WEIGHTS:
         weights = f"{NO_WEIGHTS}:seed={seed}"
-    key = cache_key(clip.name, weights, classnames, templates)
+    key = cache_key(clip.name, weights, classnames, templates, build_kwargs.get("autocast_dtype"))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:32]
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = directory / f"{digest}.safetensors"

@@ -107,14 +107,15 @@ class NegativePlan:
     n_negative: int
     identity: dict[str, Any]  # recorded in run.json
 
-    def cached(self, model: str, pretrained: str, *, cache_dir: str | None, seed: int, device: torch.device | str):
-        """The mined labels if ``model``/``pretrained`` already mined them (read from the cache
-        without loading the model), else None."""
+    def cached(self, model: str, pretrained: str, *, cache_dir: str | None, seed: int,
+               autocast_dtype: torch.dtype | None, device: torch.device | str):  # fmt: skip
+        """The mined labels if ``model``/``pretrained`` already mined them under this autocast
+        dtype (read from the cache without loading the model), else None."""
         from deltakern.clip.negatives import find_mined_negative_labels
 
         return find_mined_negative_labels(
             model, pretrained, self.id_names, self.vocabulary, self.n_negative, self.templates,
-            cache_dir=cache_dir, seed=seed, device=device,
+            cache_dir=cache_dir, seed=seed, autocast_dtype=autocast_dtype, device=device,
         )  # fmt: skip
 
     def mine(self, clip: Any, *, cache_dir: str | None, seed: int, autocast_dtype: torch.dtype | None):

@@ -233,7 +233,8 @@ def _mine(args, plan, W, device) -> tuple:
             )
 
     # Mined before with this encoder: read back without loading the model.
-    mined = plan.cached(args.model, args.pretrained, cache_dir=args.cache_dir, seed=args.seed, device=device)
+    mined = plan.cached(args.model, args.pretrained, cache_dir=args.cache_dir, seed=args.seed,
+                        autocast_dtype=autocast_dtype(precision), device=device)
     if mined is not None:
         check_width(mined.embeddings.shape[1])
     else:
