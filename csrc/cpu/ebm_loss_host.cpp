@@ -544,24 +544,51 @@ struct GradRow {
 //   G_k = (a softmax(l)_k + b softmax(l~)_k [k != t] - label_grad [k == y]) * grad_factor[k]
 // with l_k = product_k * logit_factor[k] (a, b, label_grad already times inv_temp). Column t of
 // l~ holds the edited logit, which does not depend on l_t, hence the fix-up. `lf` and `gf` point
-// at the block's first class.
+// at the block's first class. The float variants (portable, AVX2) share the pieces below and
+// differ only in how they run the column loop.
+
+// A row's coefficients as the float column loop uses them: one loop for every (a, b), a zero
+// coefficient gives log 0 = -inf and its term is 0.
+struct GradCoefsF32 {
+  float lse, lse_e, log_a, sign_a, log_b, sign_b;
+  explicit GradCoefsF32(const GradRow& g)
+      : lse(static_cast<float>(g.lse)), lse_e(static_cast<float>(g.lse_edited)),
+        log_a(static_cast<float>(std::log(std::abs(g.a)))), sign_a(g.a < 0 ? -1.0f : 1.0f),
+        log_b(static_cast<float>(std::log(std::abs(g.b)))), sign_b(g.b < 0 ? -1.0f : 1.0f) {}
+};
+
+// The column loop over [begin, end) of the block.
+inline __attribute__((always_inline)) void grad_columns_f32(float* row, int64_t begin, int64_t end,
+                                                            const float* lf, const float* gf,
+                                                            const GradCoefsF32& c) {
+#pragma omp simd
+  for (int64_t k = begin; k < end; ++k) {
+    const float v = row[k] * lf[k];
+    row[k] = (scaled_exp(v - c.lse, c.log_a, c.sign_a) + scaled_exp(v - c.lse_e, c.log_b, c.sign_b)) * gf[k];
+  }
+}
+
+// The target column's logit, read before the loop overwrites the row (0 when t is not in it).
+inline __attribute__((always_inline)) float target_logit_f32(const float* row, int64_t kb, int64_t k0,
+                                                             const float* lf, const GradRow& g) {
+  return g.t >= k0 && g.t < k0 + kb ? row[g.t - k0] * lf[g.t - k0] : 0.0f;
+}
+
+// Columns t (edited logit) and y (label term) after the loop.
+inline __attribute__((always_inline)) void fix_up_f32(float* row, int64_t kb, int64_t k0, const float* gf,
+                                                      const GradRow& g, float logit_t, float lse) {
+  if (g.t >= k0 && g.t < k0 + kb)
+    row[g.t - k0] = static_cast<float>(g.a * std::exp(std::min(logit_t - lse, 0.0f)) * gf[g.t - k0]);
+  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= static_cast<float>(g.label_grad * gf[g.y - k0]);
+}
+
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void grad_block_f32(float* row, int64_t kb, int64_t k0, const float* lf, const float* gf,
                     const GradRow& g) {
-  const bool has_t = g.t >= k0 && g.t < k0 + kb;
-  const float logit_t = has_t ? row[g.t - k0] * lf[g.t - k0] : 0.0f;
-  const float lse = static_cast<float>(g.lse), lse_e = static_cast<float>(g.lse_edited);
-  // One loop for every (a, b): a zero coefficient gives log 0 = -inf and its term is 0.
-  const float log_a = static_cast<float>(std::log(std::abs(g.a))), sign_a = g.a < 0 ? -1.0f : 1.0f;
-  const float log_b = static_cast<float>(std::log(std::abs(g.b))), sign_b = g.b < 0 ? -1.0f : 1.0f;
-#pragma omp simd
-  for (int64_t k = 0; k < kb; ++k) {
-    const float v = row[k] * lf[k];
-    row[k] = (scaled_exp(v - lse, log_a, sign_a) + scaled_exp(v - lse_e, log_b, sign_b)) * gf[k];
-  }
-  if (has_t)
-    row[g.t - k0] = static_cast<float>(g.a * std::exp(std::min(logit_t - lse, 0.0f)) * gf[g.t - k0]);
-  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= static_cast<float>(g.label_grad * gf[g.y - k0]);
+  const float logit_t = target_logit_f32(row, kb, k0, lf, g);
+  const GradCoefsF32 c(g);
+  grad_columns_f32(row, 0, kb, lf, gf, c);
+  fix_up_f32(row, kb, k0, gf, g, logit_t, c.lse);
 }
 
 #if DK_LOSS_AVX2
@@ -578,14 +605,11 @@ __attribute__((target("avx2,fma"))) inline __m256 scaled_exp8(__m256 v, __m256 l
 __attribute__((target("avx2,fma")))
 void grad_block_avx2(float* row, int64_t kb, int64_t k0, const float* lf, const float* gf,
                      const GradRow& g) {
-  const bool has_t = g.t >= k0 && g.t < k0 + kb;
-  const float logit_t = has_t ? row[g.t - k0] * lf[g.t - k0] : 0.0f;
-  const float lse = static_cast<float>(g.lse), lse_e = static_cast<float>(g.lse_edited);
-  const float log_a = static_cast<float>(std::log(std::abs(g.a))), sign_a = g.a < 0 ? -1.0f : 1.0f;
-  const float log_b = static_cast<float>(std::log(std::abs(g.b))), sign_b = g.b < 0 ? -1.0f : 1.0f;
-  const __m256 l = _mm256_set1_ps(lse), le = _mm256_set1_ps(lse_e);
-  const __m256 la = _mm256_set1_ps(log_a), sa = _mm256_set1_ps(sign_a);
-  const __m256 lb = _mm256_set1_ps(log_b), sb = _mm256_set1_ps(sign_b);
+  const float logit_t = target_logit_f32(row, kb, k0, lf, g);
+  const GradCoefsF32 c(g);
+  const __m256 l = _mm256_set1_ps(c.lse), le = _mm256_set1_ps(c.lse_e);
+  const __m256 la = _mm256_set1_ps(c.log_a), sa = _mm256_set1_ps(c.sign_a);
+  const __m256 lb = _mm256_set1_ps(c.log_b), sb = _mm256_set1_ps(c.sign_b);
   int64_t k = 0;
   for (; k + 8 <= kb; k += 8) {
     const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(lf + k));
@@ -593,13 +617,8 @@ void grad_block_avx2(float* row, int64_t kb, int64_t k0, const float* lf, const 
                                      scaled_exp8(_mm256_sub_ps(v, le), lb, sb));
     _mm256_storeu_ps(row + k, _mm256_mul_ps(sum, _mm256_loadu_ps(gf + k)));
   }
-  for (; k < kb; ++k) {
-    const float v = row[k] * lf[k];
-    row[k] = (scaled_exp(v - lse, log_a, sign_a) + scaled_exp(v - lse_e, log_b, sign_b)) * gf[k];
-  }
-  if (has_t)
-    row[g.t - k0] = static_cast<float>(g.a * std::exp(std::min(logit_t - lse, 0.0f)) * gf[g.t - k0]);
-  if (g.y >= k0 && g.y < k0 + kb) row[g.y - k0] -= static_cast<float>(g.label_grad * gf[g.y - k0]);
+  grad_columns_f32(row, k, kb, lf, gf, c);
+  fix_up_f32(row, kb, k0, gf, g, logit_t, c.lse);
 }
 #endif
 

@@ -296,25 +296,10 @@ inline bool scale_reduce_row_f32_body(float* row, int64_t K, float scale, const 
   return true;
 }
 
-// x * 0 is 0 for every finite x and NaN for NaN and ±inf, so one vectorised sum of them tells
-// whether a whole row is finite.
+// A whole row scaled in place (the negative-label groups' epilogue): scale_block over the row.
 inline bool scale_row_f32_body(float* row, int64_t K, float scale, const float* col_scale) {
   float probe = 0.0f;
-  if (col_scale == nullptr) {
-#pragma omp simd reduction(+ : probe)
-    for (int64_t j = 0; j < K; ++j) {
-      const float v = row[j] * scale;
-      row[j] = v;
-      probe += v * 0.0f;
-    }
-  } else {
-#pragma omp simd reduction(+ : probe)
-    for (int64_t j = 0; j < K; ++j) {
-      const float v = (row[j] * col_scale[j]) * scale;
-      row[j] = v;
-      probe += v * 0.0f;
-    }
-  }
+  scale_block(row, K, scale, col_scale, probe);
   return probe == 0.0f;
 }
 

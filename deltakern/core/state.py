@@ -96,17 +96,7 @@ def _derive(topk_values, topk_indices, lse_outside, *, reset_logit, mode, out_dt
 
     terms = energy.unsqueeze(1) - edited
     delta = terms.sum(dim=1) if mode == "separate" else terms[:, -1]
-    top1 = v[:, 0]
-    return Scores(
-        delta_energy=delta.to(out_dtype),
-        delta_energy_terms=terms.to(out_dtype),
-        energy=energy.to(out_dtype),
-        max_logit=top1.to(out_dtype),
-        msp=torch.exp(top1 - energy).to(out_dtype),
-        pred=topk_indices[:, 0].to(torch.int64),
-        topk_values=topk_values.to(out_dtype),
-        topk_indices=topk_indices.to(torch.int64),
-    )
+    return _scores(delta, terms, energy, v[:, 0], topk_values, topk_indices, out_dtype)
 
 
 def _derive_top1(topk_values, topk_indices, lse_outside, *, reset_logit, out_dtype) -> Scores:
@@ -118,9 +108,13 @@ def _derive_top1(topk_values, topk_indices, lse_outside, *, reset_logit, out_dty
     outside = lse_outside.to(torch.float64)
     energy = torch.logaddexp(v[:, 0], outside)
     terms = energy.unsqueeze(1) - torch.logaddexp(outside, torch.full_like(outside, reset_logit)).unsqueeze(1)
-    top1 = v[:, 0]
+    return _scores(terms[:, 0], terms, energy, v[:, 0], topk_values, topk_indices, out_dtype)
+
+
+def _scores(delta, terms, energy, top1, topk_values, topk_indices, out_dtype) -> Scores:
+    """The :class:`Scores` of both derivations from their float64 results (MSP = exp(top1 - energy))."""
     return Scores(
-        delta_energy=terms[:, 0].to(out_dtype),
+        delta_energy=delta.to(out_dtype),
         delta_energy_terms=terms.to(out_dtype),
         energy=energy.to(out_dtype),
         max_logit=top1.to(out_dtype),
