@@ -3,12 +3,15 @@
 # numpy preinstalled and no network (the GPU image: Python 3.12, PyTorch 2.11, Triton 3.6). From the
 # repository root:
 #
-#     bash bench/gpu_check.sh              # results under $OUT if set, else out/gpu_check
+#     bash bench/gpu_check.sh              # logs and tables in out/gpu_check ($GPU_CHECK_RESULTS)
 #     bash bench/gpu_check.sh --dry-run    # list the steps, their commands and limits; run nothing
 #     GPU_CHECK_HEAVY=1 bash bench/gpu_check.sh   # also the opt-in heavy GPU tests (see below)
 #
 # Before: on a machine with PyPI, `bash bench/fetch_gpu_wheels.sh` (open_clip wheels for the GPU
 # image, into the git-ignored .gpu_wheels/, which must travel with the checkout).
+#
+# When $OUT is set (the device machine's return folder, which hands back at most 8 files), the
+# results folder is also packed into $OUT/gpu_check.tar.gz beside $OUT/summary.txt at the end.
 #
 # Steps, in order of importance, each under its own `timeout` (LIMIT, capped by what is left of
 # the BUDGET): a step that would get under 15 s is skipped and says so. A failing or timed-out
@@ -47,7 +50,7 @@ DRY_RUN=0
 # device lease is 15 minutes including the machine's start-up.
 BUDGET_S=${GPU_CHECK_BUDGET_S:-$(( ${GPU_CHECK_HEAVY:-0} == 1 ? 760 : 520 ))}
 TEST_DEADLINE_S=${GPU_CHECK_TEST_DEADLINE_S:-60}
-RESULTS=${OUT:-out/gpu_check}
+RESULTS=${GPU_CHECK_RESULTS:-out/gpu_check}
 PY=${PYTHON:-python3}
 mkdir -p "$RESULTS"
 # deltakern imports from the checkout even if the editable install below fails (the reference and
@@ -100,7 +103,16 @@ finish() {
         SUMMARY+=("INTERRUPTED (signal $((rc - 128))): later steps did not run")
         FAILED=1
     fi
-    summary
+    if (( DRY_RUN )) || [[ -z ${OUT:-} ]]; then
+        summary
+    else  # one archive instead of a file per log: the return folder takes at most 8 files
+        summary > "$RESULTS/summary.txt"
+        mkdir -p "$OUT"
+        cp "$RESULTS/summary.txt" "$OUT/summary.txt"
+        tar -czf "$OUT/gpu_check.tar.gz" -C "$RESULTS" . 2>/dev/null \
+            || echo "could not pack $RESULTS into $OUT/gpu_check.tar.gz" >> "$OUT/summary.txt"
+        cat "$OUT/summary.txt"
+    fi
     exit $(( FAILED ? 1 : 0 ))
 }
 STEP_PID=""
@@ -223,6 +235,15 @@ cuda = bool(m and m.built_with_cuda())
 print('deltakern._C loaded:', m is not None, '| CUDA kernels:', cuda, '|', e.unavailable_reason() or '')
 sys.exit(0 if m is not None and (cuda or not $NEED_CUDA_KERNELS) else 1)"
 
+# The GPU image has no open_clip and no network: install the wheels that
+# bench/fetch_gpu_wheels.sh put in .gpu_wheels/ (carried along with the checkout) when present,
+# before the tests are collected (tests/test_images.py and the pipeline step need it).
+if (( ! DRY_RUN )) && [[ -d .gpu_wheels ]] && ! $PY -c "import open_clip" >/dev/null 2>&1; then
+    $PY -m pip install --quiet --no-index --no-deps --find-links .gpu_wheels \
+        open_clip_torch ftfy wcwidth regex tabulate >/dev/null 2>&1 \
+        || SUMMARY+=("wheels: could not install the wheels in .gpu_wheels")
+fi
+
 # --- 2. GPU tests, split so that one slow part cannot hide the others -------------------------
 # Only files that can be collected here: a file importing a package this image lacks (scikit-learn,
 # open_clip) would stop the whole collection; it is named instead.
@@ -263,14 +284,7 @@ step score_table 90 $PY bench/bench_gpu_score.py --k 1000 --dtype bfloat16 float
 # --- 4. fused EBM loss fwd+bwd at B = 65,536 ---------------------------------------------------
 step loss_bench 30 $PY bench/bench_loss.py --device cuda --shapes 65536x20000 --out "$RESULTS"
 
-# --- 5. image pipeline throughput (synthetic images; needs open_clip) -------------------------
-# The GPU image has no open_clip and no network: install the wheels that
-# bench/fetch_gpu_wheels.sh put in .gpu_wheels/ (carried along with the checkout) when present.
-if (( ! DRY_RUN )) && [[ -d .gpu_wheels ]] && ! $PY -c "import open_clip" >/dev/null 2>&1; then
-    $PY -m pip install --quiet --no-index --no-deps --find-links .gpu_wheels \
-        open_clip_torch ftfy wcwidth regex tabulate >/dev/null 2>&1 \
-        || SUMMARY+=("pipeline: could not install the wheels in .gpu_wheels")
-fi
+# --- 5. image pipeline throughput (synthetic images; needs open_clip, installed above) --------
 if (( DRY_RUN )) || $PY -c "import open_clip" >/dev/null 2>&1; then
     step pipeline 30 $PY bench/bench_pipeline.py --device cuda --images 2048 --batch-size 256 --workers 8 --out "$RESULTS"
 else

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 
 
 def run(tmp_path, *args, env=None, timeout=120):
-    full = {**os.environ, "OUT": str(tmp_path / "out"), **(env or {})}
+    full = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_RESULTS": str(tmp_path / "results"), **(env or {})}
     if "PYTHON" not in (env or {}):
         full.pop("PYTHON", None)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
@@ -52,7 +53,7 @@ def test_dry_run_lists_every_step_with_its_limit_and_runs_nothing(tmp_path):
         assert "gpu\\ and\\ not\\ slow" in line  # heavy tests are opt-in
     assert "heavy_tests: not asked for" in out
     assert "gpu_check summary" in out
-    assert not (tmp_path / "out" / "build.log").exists()
+    assert not (tmp_path / "results" / "build.log").exists() and not (tmp_path / "out").exists()
 
 
 def test_heavy_tests_are_opt_in(tmp_path):
@@ -67,6 +68,12 @@ def test_failing_steps_still_give_a_summary_and_a_failing_status(tmp_path):
     summary = proc.stdout.split("gpu_check summary", 1)[1]
     assert "build: FAILED rc=3" in summary and "score_table: FAILED rc=3" in summary
     assert "NOT COLLECTED" in summary  # the test files could not be collected with this interpreter
+    # The device machine hands back at most 8 files: the logs travel as one archive and a summary.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.tar.gz", "summary.txt"]
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:
+        names = {Path(n).name for n in archive.getnames()}
+    assert {"build.log", "score_table.log", "summary.txt"} <= names
+    assert "build: FAILED rc=3" in (tmp_path / "out" / "summary.txt").read_text()
 
 
 def test_a_step_past_its_limit_is_cut_and_reported(tmp_path):
@@ -84,7 +91,7 @@ def test_a_step_past_its_limit_is_cut_and_reported(tmp_path):
 def test_an_interrupted_check_still_prints_its_summary_and_stops_its_step(tmp_path):
     pid_file = tmp_path / "step.pid"
     py = fake_python(tmp_path, f'if [[ "$*" == *pip* ]]; then echo $$ > {pid_file}; exec sleep 600; fi; exit 0')
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": py}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_RESULTS": str(tmp_path / "results"), "PYTHON": py}
     proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     time.sleep(3)
