@@ -265,7 +265,7 @@ def pil_preprocess(img):
 
 
 def mixed_folder(root: Path) -> tuple[list, dict[str, bytes]]:
-    """JPEGs (one stored rotated, one CMYK, two corrupt), a PNG and a missing file."""
+    """JPEGs (one stored rotated, one CMYK, three damaged), a PNG and a missing file."""
     exif = Image.Exif()
     exif[0x0112] = 6
     blobs = {
@@ -276,7 +276,14 @@ def mixed_folder(root: Path) -> tuple[list, dict[str, bytes]]:
         "e.jpg": b"\xff\xd8\xff\xe0" + bytes(200),  # JPEG magic, no header PIL can read: the CPU path decides
     }
     truncated = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)), "JPEG")
-    blobs["f.jpg"] = truncated[: len(truncated) // 2]  # a readable header: handed over, refused by every decoder
+    # A readable header but cut short: nvJPEG would fill the missing part where PIL refuses, so it is
+    # decoded (and refused) in the worker, never handed over.
+    blobs["f.jpg"] = truncated[: len(truncated) // 2]
+    # Complete, with a readable header and a bogus Huffman table: handed over, refused by every decoder.
+    bogus = bytearray(truncated)
+    table = bogus.find(b"\xff\xc4")  # DHT: marker, length (2 bytes), class/id, 16 code counts
+    bogus[table + 5 : table + 21] = bytes([255] * 16)
+    blobs["g.jpg"] = bytes(bogus)
     for name, blob in blobs.items():
         (root / name).write_bytes(blob)
     items = [data.ImageItem(id=name, source=str(root / name)) for name in [*blobs, "gone.jpg"]]
@@ -287,11 +294,12 @@ def test_passthrough_dataset_hands_jpegs_over_and_decodes_the_rest(tmp_path):
     items, blobs = mixed_folder(tmp_path)
     ds = gpu_jpeg.JpegPassthroughDataset(items, pil_preprocess)
     got = {items[i].id: ds[i] for i in range(len(items))}
-    for name in ("a.jpg", "c.jpg", "d.jpg", "f.jpg"):  # by content: JPEGs with a readable header go to the device
+    for name in ("a.jpg", "c.jpg", "d.jpg", "g.jpg"):  # by content: complete JPEGs with a readable header go to the device
         raw = got[name][1]
         assert isinstance(raw, gpu_jpeg.RawJpeg) and raw.data.numpy().tobytes() == blobs[name]
     cpu = data.DecodeDataset(items, pil_preprocess)
     assert got["e.jpg"][1] is None and got["e.jpg"][2] == cpu[4][2] == "not a recognised image format"
+    assert got["f.jpg"][1] is None and got["f.jpg"][2] == cpu[5][2] and cpu[5][2].startswith("truncated JPEG")
     assert got["c.jpg"][1].orientation == 6 and got["a.jpg"][1].orientation == 1
     assert gpu_jpeg.JpegPassthroughDataset(items, pil_preprocess, exif_transpose=False)[2][1].orientation == 1
     assert got["b.png"][1].shape == (3, 32, 32)  # decoded and preprocessed in the worker
@@ -330,14 +338,15 @@ def test_finish_batch_keeps_order_and_falls_back_to_the_cpu(tmp_path):
         return gpu_jpeg.decode_jpegs(batch, torch.device("cpu"))
 
     out = decoded_batch(items, decode=refusing_decoder)
-    assert calls == [4, 1, 1, 1, 1]  # the batch of 4 JPEGs, then one by one
+    assert calls == [4, 1, 1, 1, 1]  # the batch of 4 complete JPEGs, then one by one
     # Dataset order; the CMYK JPEG decoded on the CPU; the corrupt ones and the missing file fail
     # with the CPU path's reasons.
     assert out.positions.tolist() == [0, 1, 2, 3]
     failed = dict(out.failed)
-    assert sorted(failed) == [4, 5, 6] and failed[6] == "cannot read file: No such file or directory"
+    assert sorted(failed) == [4, 5, 6, 7] and failed[7] == "cannot read file: No such file or directory"
     cpu = data.DecodeDataset(items, pil_preprocess)
     assert failed[4] == cpu[4][2] and failed[5] == cpu[5][2] and failed[5].startswith("truncated JPEG")
+    assert failed[6] == cpu[6][2] and failed[6].startswith("corrupt JPEG")
     for position in range(4):
         expected = cpu[position][1]
         # Worker-decoded and CPU fallback are the CPU path itself; torchvision's libjpeg may round
@@ -366,7 +375,8 @@ def test_gpu_decoding_matches_the_cpu_path(tmp_path):
     out = decoded_batch(items, device="cuda")
     assert out.images.device.type == "cuda" and out.positions.tolist() == [0, 1, 2, 3]
     cpu = data.DecodeDataset(items, pil_preprocess)
-    assert sorted(dict(out.failed)) == [4, 5, 6]
+    # nvJPEG decodes a cut-short file by filling it in; the CPU path refuses it, and so must this one.
+    assert dict(out.failed) == {i: cpu[i][2] for i in (4, 5, 6, 7)}
     for position in range(4):  # nvJPEG and the float resize on the GPU: close to the CPU path, not equal
         diff = (out.images[position].cpu() - cpu[position][1]).abs()
         assert diff.mean() <= 0.03 and diff.max() <= 0.5, (items[position].id, diff.mean(), diff.max())
@@ -389,3 +399,18 @@ def test_passthrough_dataset_reads_each_file_once(tmp_path, monkeypatch):
         reads.clear()
         ds[i]
         assert reads == [item.id], (item.id, reads)  # a PNG, an unreadable JPEG or a missing file: once
+
+
+def test_jpeg_is_complete_needs_an_end_marker_after_the_last_scan():
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    for progressive in (False, True):
+        # An end marker before the scans (as in an EXIF thumbnail; here in a comment) does not count.
+        full = encoded(picture, "JPEG", quality=90, progressive=progressive, comment=b"thumb \xff\xd8 \xff\xd9")
+        assert full.find(b"\xff\xd9") < full.find(b"\xff\xda")
+        scans = [i for i in range(len(full) - 1) if full[i : i + 2] == b"\xff\xda"]
+        assert len(scans) >= (2 if progressive else 1)
+        assert gpu_jpeg.jpeg_is_complete(full)
+        assert gpu_jpeg.jpeg_is_complete(full + b"camera trailer")  # bytes after the end marker
+        # Cut anywhere from the first scan on (inside a scan or between two): incomplete.
+        for cut in range(scans[0] + 2, len(full) - 1, 7):
+            assert not gpu_jpeg.jpeg_is_complete(full[:cut]), (progressive, cut, len(full))

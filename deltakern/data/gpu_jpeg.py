@@ -38,6 +38,18 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == JPEG_MAGIC
 
 
+def jpeg_is_complete(data: bytes) -> bool:
+    """True when the last scan of a JPEG is followed by an end-of-image marker (FF D9).
+
+    Entropy-coded data never holds FF D9 (a data byte FF is stuffed as FF 00), so a file cut
+    short inside or after its last scan (FF DA) has no FF D9 after it. nvJPEG decodes such a
+    file and fills the missing part, where PIL refuses it ("image file is truncated"): the
+    passthrough hands only complete files to the device and leaves the rest to the CPU path,
+    so a file fails on both paths alike. Bytes after the marker (camera trailers) are allowed.
+    """
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
+
+
 @dataclass(frozen=True)
 class TensorPreprocess:
     """open_clip's ``shortest`` inference transform on uint8 ``[3, H, W]`` tensors."""
@@ -130,7 +142,7 @@ class JpegPassthroughDataset(DecodeDataset):
         if not is_jpeg(data):
             return self.decode_item(i, data, start)
         orientation = jpeg_orientation(data)
-        if orientation is None:
+        if orientation is None or not jpeg_is_complete(data):
             return self.decode_item(i, data, start)
         raw = RawJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation if self.exif_transpose else 1)
         return i, raw, None, time.perf_counter() - start
@@ -231,5 +243,5 @@ def finish_batch(
 
 __all__ = [
     "JpegPassthroughDataset", "RawJpeg", "SplitBatch", "TensorPreprocess", "collate_passthrough", "decode_jpegs",
-    "finish_batch", "is_jpeg", "jpeg_orientation", "orient",
+    "finish_batch", "is_jpeg", "jpeg_is_complete", "jpeg_orientation", "orient",
 ]
