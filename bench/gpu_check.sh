@@ -37,6 +37,14 @@
 #                       configs, an Inductor compile, the 2.2M- and 33.5M-row cases)
 #   bench_tests   90 s  opt-in (GPU_CHECK_HEAVY=1): the pytest-benchmark files' GPU cases (they
 #                       repeat score_table and loss_bench, with Inductor compiles of their own)
+#   tiles        200 s  opt-in (GPU_CHECK_HEAVY=1 or named in GPU_CHECK_STEPS): bench/bench_gpu_tiles.py,
+#                       the fused kernel's tile sweep at N = 1e6, K = 1000 (bf16: 16 configs,
+#                       float32: 5; a compile and two timings each)
+#
+# GPU_CHECK_STEPS="build extension loss_tests ..." runs only the named steps (a follow-up run
+# after a fix). Test steps run in two pytest-xdist workers when xdist is importable (the GPU
+# image has it), so a test that crashes the interpreter is reported and the others still run;
+# GPU_CHECK_PYTEST_ARGS replaces those arguments ("" runs in one process).
 #
 # Every pytest step prints each test's result as it finishes (-v), failures with short
 # tracebacks and a summary of failures and errors (--tb=short -rfE), and stops any single test
@@ -46,9 +54,9 @@ set -u
 
 DRY_RUN=0
 [[ ${1:-} == --dry-run ]] && DRY_RUN=1
-# The default budget is the sum of the step limits below (+240 s for the opt-in heavy steps); a
+# The default budget is the sum of the step limits below (+440 s for the opt-in heavy steps); a
 # device lease is 15 minutes including the machine's start-up.
-BUDGET_S=${GPU_CHECK_BUDGET_S:-$(( ${GPU_CHECK_HEAVY:-0} == 1 ? 760 : 520 ))}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$(( ${GPU_CHECK_HEAVY:-0} == 1 ? 960 : 520 ))}
 TEST_DEADLINE_S=${GPU_CHECK_TEST_DEADLINE_S:-60}
 RESULTS=${GPU_CHECK_RESULTS:-out/gpu_check}
 PY=${PYTHON:-python3}
@@ -124,10 +132,18 @@ trap finish EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 
+selected() {  # NAME: true when GPU_CHECK_STEPS is unset or names it
+    [[ -z ${GPU_CHECK_STEPS:-} || " $GPU_CHECK_STEPS " == *" $1 "* ]]
+}
+
 # step NAME LIMIT_S COMMAND...: runs with min(LIMIT, remaining budget), logs to RESULTS/NAME.log
 step() {
     local name=$1 want=$2
     shift 2
+    if ! selected "$name"; then
+        SUMMARY+=("$name: not asked for (GPU_CHECK_STEPS)")
+        return 0
+    fi
     local left
     left=$(remaining)
     local limit=$(( want < left ? want : left ))
@@ -175,6 +191,11 @@ step() {
 # pytest with per-test results as they finish, failure details and a per-test deadline.
 PYTEST=($PY -m pytest -v --tb=short -rfE -p no:cacheprovider -p _gpu_check_deadline
         -o "gpu_check_test_deadline=$TEST_DEADLINE_S")
+if [[ -z ${GPU_CHECK_PYTEST_ARGS+set} ]]; then
+    if (( ! DRY_RUN )) && $PY -c "import xdist" >/dev/null 2>&1; then GPU_CHECK_PYTEST_ARGS="-n 2"; else GPU_CHECK_PYTEST_ARGS=""; fi
+fi
+read -r -a EXTRA_PYTEST <<< "$GPU_CHECK_PYTEST_ARGS"
+PYTEST+=("${EXTRA_PYTEST[@]}")
 if (( ! DRY_RUN )); then
     cat > "$RESULTS/_gpu_check_deadline.py" <<'EOF'
 """Stop any one test after gpu_check_test_deadline seconds (SIGALRM; the main thread only)."""
@@ -240,7 +261,7 @@ sys.exit(0 if m is not None and (cuda or not $NEED_CUDA_KERNELS) else 1)"
 # before the tests are collected (tests/test_images.py and the pipeline step need it).
 if (( ! DRY_RUN )) && [[ -d .gpu_wheels ]] && ! $PY -c "import open_clip" >/dev/null 2>&1; then
     $PY -m pip install --quiet --no-index --no-deps --find-links .gpu_wheels \
-        open_clip_torch ftfy wcwidth regex tabulate >/dev/null 2>&1 \
+        open_clip_torch ftfy wcwidth regex tabulate pytorch-ood >/dev/null 2>&1 \
         || SUMMARY+=("wheels: could not install the wheels in .gpu_wheels")
 fi
 
@@ -250,11 +271,16 @@ fi
 collectable() {  # sets FILES to the collectable ones among "$@"; names the others in the summary
     FILES=()
     local f
+    local rc
     for f in "$@"; do
-        if (( DRY_RUN )) || timeout 60 $PY -m pytest --collect-only -q -p no:cacheprovider "$f" >/dev/null 2>&1; then
+        rc=0
+        (( DRY_RUN )) || timeout 60 $PY -m pytest --collect-only -q -p no:cacheprovider "$f" >/dev/null 2>&1 || rc=$?
+        if (( rc == 0 )); then
             FILES+=("$f")
+        elif (( rc == 5 )); then  # pytest's "no tests collected": skipped at import (importorskip)
+            SUMMARY+=("tests: $f has no tests here (a package it needs is missing: pytest --collect-only -rs $f)")
         else
-            SUMMARY+=("tests: $f NOT COLLECTED here (missing package? run: pytest --collect-only $f)")
+            SUMMARY+=("tests: $f NOT COLLECTED here (rc=$rc; run: pytest --collect-only $f)")
         fi
     done
 }
@@ -267,6 +293,10 @@ done
 run_tests() {  # NAME LIMIT MARK FILES...
     local name=$1 limit=$2 mark=$3
     shift 3
+    if ! selected "$name"; then
+        SUMMARY+=("$name: not asked for (GPU_CHECK_STEPS)")
+        return 0
+    fi
     collectable "$@"
     if (( ${#FILES[@]} )); then
         step "$name" "$limit" "${PYTEST[@]}" -m "$mark" "${FILES[@]}"
@@ -295,6 +325,10 @@ fi
 if [[ ${GPU_CHECK_HEAVY:-0} == 1 ]]; then
     run_tests heavy_tests 150 "gpu and slow" "${TRITON_FILES[@]}" "${LOSS_FILES[@]}" "${OTHER_FILES[@]}"
     run_tests bench_tests 90 "gpu" bench/test_bench_*.py
-else
+fi
+if [[ ${GPU_CHECK_HEAVY:-0} == 1 || " ${GPU_CHECK_STEPS:-} " == *" tiles "* ]]; then
+    step tiles 200 $PY bench/bench_gpu_tiles.py --out "$RESULTS"
+fi
+if [[ ${GPU_CHECK_HEAVY:-0} != 1 ]]; then
     SUMMARY+=("heavy_tests: not asked for (GPU_CHECK_HEAVY=1 runs the tests marked gpu and slow, and bench/test_bench_*.py on the GPU)")
 fi

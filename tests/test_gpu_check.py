@@ -110,3 +110,12 @@ def test_an_interrupted_check_still_prints_its_summary_and_stops_its_step(tmp_pa
     else:
         os.kill(step, signal.SIGKILL)
         pytest.fail("the interrupted step's process was left running")
+
+
+def test_gpu_check_steps_runs_only_the_named_steps(tmp_path):
+    proc = run(tmp_path, "--dry-run", env={"GPU_CHECK_STEPS": "build loss_tests tiles"})
+    assert proc.returncode == 0, proc.stderr
+    ran = set(re.findall(r"^(\w+): timeout \d+s:", proc.stdout, re.M))
+    assert ran == {"build", "loss_tests", "tiles"}, proc.stdout
+    for name in set(STEPS) - ran:
+        assert f"{name}: not asked for (GPU_CHECK_STEPS)" in proc.stdout
