@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -26,6 +29,53 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 def _flag(name: str, default: str) -> bool:
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+# Symbols only a copy of the C++ standard library defines (std::locale::classic() and the
+# ostream inserter of double): an extension that defines them carries its own libstdc++.
+STATIC_RUNTIME_SENTINELS = ("_ZNSt6locale7classicEv", "_ZNSo9_M_insertIdEERSoT_")
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def _shared_cxx_runtime() -> list[str]:
+    """The shared libstdc++ named explicitly on the link line (Linux; empty where not found).
+
+    The extension must use the C++ runtime the process already has (torch's). Where the
+    toolchain would link the static archive instead (an image without the libstdc++.so
+    development link, or -static-libstdc++ in LDFLAGS), the extension carries a second copy
+    whose locale facets disagree with the shared one's, and formatting a number in an error
+    message crashes the process (seen on a GPU image: every TORCH_CHECK with a number in its
+    message segfaulted) or prints nothing. Named before the compiler driver's own -lstdc++, the
+    shared library resolves every reference; on a normal toolchain it changes nothing.
+    """
+    compiler = _compiler()
+    if not sys.platform.startswith("linux") or compiler is None:
+        return []
+    try:
+        found = subprocess.run([compiler, "-print-file-name=libstdc++.so.6"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [os.path.normpath(found)] if os.path.isabs(found) and os.path.exists(found) else []
+
+
+def check_cxx_runtime(library: str) -> None:
+    """Refuse a built extension that carries its own copy of libstdc++ (see
+    :func:`_shared_cxx_runtime`); skipped where binutils' ``nm`` is missing."""
+    nm = shutil.which("nm")
+    if nm is None or not os.path.exists(library):
+        return
+    listing = subprocess.run([nm, "-D", "--defined-only", library], capture_output=True, text=True).stdout
+    carried = [symbol for symbol in STATIC_RUNTIME_SENTINELS if symbol in listing]
+    if carried:
+        raise RuntimeError(
+            f"{library} defines {', '.join(carried)}: it was linked with a static copy of the C++ "
+            "standard library, which crashes when an error message formats a number. Install the "
+            "toolchain's shared libstdc++ (libstdc++-dev) or drop -static-libstdc++ from LDFLAGS."
+        )
 
 
 def _sources(pattern: str) -> list[str]:
@@ -91,7 +141,7 @@ def _extensions():
     kwargs = dict(
         name="deltakern._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *_shared_cxx_runtime()],
     )
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -117,8 +167,14 @@ def _extensions():
         ext = cpp_extension.CppExtension(
             sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs
         )
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return [ext], cmdclass
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtension(base):
+        def build_extension(self, extension) -> None:
+            super().build_extension(extension)
+            check_cxx_runtime(self.get_ext_fullpath(extension.name))
+
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()

@@ -19,7 +19,8 @@
 # is interrupted (trap on EXIT, INT and TERM). Exit status: non-zero when any step failed.
 #
 #   build        120 s  pip install -e . (C++ and the CUDA kernels for this GPU's arch only)
-#   extension     20 s  deltakern._C loads, with CUDA kernels
+#   extension     20 s  deltakern._C loads, with CUDA kernels, and its argument errors come back
+#                       as RuntimeErrors with their numbers (CPU and CUDA)
 #   triton_tests 150 s  tests/test_triton_gpu.py without the heavy tests. Counted on the CPU by
 #                       specialising each of its kernel launches as Triton does
 #                       (deltakern.ops.triton.compiled.specialize): 27 distinct fused kernels to
@@ -244,17 +245,29 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [[ ${GPU_CHECK_SKIP_BUILD:-0} == 1 ]]; then  # reuse an extension already built for this torch
     SUMMARY+=("build: SKIPPED (GPU_CHECK_SKIP_BUILD=1)")
 else
-    step build 120 $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+    step build 120 $PY -m pip install -v --no-build-isolation --no-deps --no-index -e .
 fi
 # The extension must load (with CUDA kernels when the checkout has CUDA sources) before the rest
 # means anything.
 NEED_CUDA_KERNELS=$(compgen -G "csrc/cuda/*.cu" >/dev/null && echo 1 || echo 0)
+# An argument error must come back as a RuntimeError whose message holds its numbers: a static
+# copy of libstdc++ in the extension crashes right there (setup.py's _shared_cxx_runtime).
 step extension 20 $PY -c "
-import deltakern.ops.extension as e, sys
+import deltakern.ops.extension as e, sys, torch
 m = e.load()
 cuda = bool(m and m.built_with_cuda())
 print('deltakern._C loaded:', m is not None, '| CUDA kernels:', cuda, '|', e.unavailable_reason() or '')
-sys.exit(0 if m is not None and (cuda or not $NEED_CUDA_KERNELS) else 1)"
+if m is None or not (cuda or not $NEED_CUDA_KERNELS):
+    sys.exit(1)
+for device in ['cpu'] + (['cuda'] if cuda else []):
+    args = [torch.randn(4, 8, device=device), torch.randn(3, 8, device=device), torch.tensor([0, 1, 2, 0], device=device)]
+    try:
+        torch.ops.deltakern.ebm_loss_forward(*args, 1e300, 0.0, 4, True, False, True)
+        sys.exit(f'{device}: no error for inv_temp = 1e300')
+    except RuntimeError as err:
+        print(device, 'error message:', str(err).splitlines()[0])
+        if 'got 1e+300' not in str(err):
+            sys.exit(f'{device}: the number is missing from the message')"
 
 # The GPU image has no open_clip and no network: install the wheels that
 # bench/fetch_gpu_wheels.sh put in .gpu_wheels/ (carried along with the checkout) when present,

@@ -25,6 +25,24 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 @needs_ext
+def test_extension_uses_the_process_cxx_runtime():
+    """A static copy of libstdc++ in deltakern._C disagrees with the process's own about locale
+    facets: formatting a number in an error message then segfaults (seen on a GPU image) or
+    prints nothing. setup.py names the shared runtime on the link line and refuses such a build."""
+    import importlib.util
+    import shutil
+
+    with pytest.raises(RuntimeError, match=r"at most 1\.70141e\+38 .*got 1e\+300$"):
+        torch.ops.deltakern.ebm_loss_forward(torch.randn(4, 8), torch.randn(3, 8), torch.tensor([0, 1, 2, 0]),
+                                             1e300, 0.0, 4, True, False, True)
+    if shutil.which("nm") is None:
+        return
+    library = importlib.util.find_spec("deltakern._C").origin
+    listing = subprocess.run(["nm", "-D", "--defined-only", library], capture_output=True, text=True).stdout
+    assert "_ZNSt6locale7classicEv" not in listing and "_ZNSo9_M_insertIdEERSoT_" not in listing
+
+
+@needs_ext
 def test_op_has_cpu_and_meta_kernels():
     ops = _ops.registered_ops()
     assert "fused_score_state" in ops
@@ -35,6 +53,7 @@ def test_op_has_cpu_and_meta_kernels():
 @pytest.mark.parametrize("n,k,d,c", [(1, 1, 3, 1), (7, 3, 65, 2), (130, 257, 16, 5), (0, 4, 8, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_opcheck(n, k, d, c, dtype):
+    assert _ops.ensure_registered()  # the fake kernels, also when this test runs alone
     x = torch.randn(n, d, dtype=dtype)
     w = torch.randn(k, d, dtype=dtype)
     torch.library.opcheck(torch.ops.deltakern.fused_score_state.default, (x, w, 100.0, c, True))
