@@ -197,12 +197,22 @@ def test_exact_ties_go_to_the_lower_class_index(fused, c):
 
 
 @pytest.mark.parametrize("c", [1, 16])
-def test_gpu_tile_shapes(fused, monkeypatch, c):
-    """The Hopper block sizes (BLOCK_K = 64 leaves a partial D tile at D = 96)."""
-    cfg = fused.TileConfig(128, 128 if c == 1 else 64, 64, 8, 3)
-    monkeypatch.setattr(fused, "select_config", lambda *args: cfg)
+@pytest.mark.parametrize("negatives", [False, True])
+def test_gpu_tile_shapes(fused, monkeypatch, c, negatives):
+    """The Hopper block sizes for 16-bit inputs (BLOCK_K = 64 leaves a partial D tile at D = 96;
+    256-wide class tiles at c = 1 without negatives), and the launch asks for the NegLabel
+    variant's tiles exactly when it has negatives."""
+    cfg = fused.tile_config((9, 0), torch.bfloat16, c, negatives)
+    asked = []
+    monkeypatch.setattr(fused, "select_config", lambda *args, **kwargs: asked.append(kwargs) or cfg)
     X, W = make_inputs(130, 257, 96, seed=31 + c)
-    check_state(fused, X, W, temperature=0.01, c=c)
+    if negatives:
+        N = make_inputs(40, 1, 96, seed=7)[0]
+        *state, _ = fused.fused_score_neg_state(X, W, N, inv_temp=100.0, c=c, groups=2, normalize=True)
+        assert all(torch.equal(a, b) for a, b in zip(state, fused.fused_score_state(X, W, inv_temp=100.0, c=c, normalize=True)))
+    else:
+        check_state(fused, X, W, temperature=0.01, c=c)
+    assert asked and all(kwargs == {"negatives": negatives} for kwargs in asked[:1]), asked
 
 
 def test_c_above_limit_warns_and_matches_reference():

@@ -92,7 +92,7 @@ def test_negative_label_variant_compiles_pipelined_without_spills(compiled, caps
     both tile products pipelined, on tensor cores, without spills."""
     from deltakern.ops.triton import fused_score
 
-    config = fused_score.tile_config((target // 10, target % 10), DTYPES[dtype], c)
+    config = fused_score.tile_config((target // 10, target % 10), DTYPES[dtype], c, negatives=True)
     fused = compiled.fused_report(target, DTYPES[dtype], c, negatives=10_000, groups=4)
     control = _gemm(target, dtype, config, 512)
     with capsys.disabled():

@@ -188,7 +188,7 @@ def fused_report(capability: int, dtype: torch.dtype, c: int, *, normalize: bool
     X, W = _inputs(dtype, shape["n"], shape["k"], shape["d"])
     W_neg = _inputs(dtype, 1, negatives, shape["d"])[1] if negatives else None
     args, meta, dot_dtype = fused_score.kernel_arguments(X, W, 100.0, c, normalize, False, W_neg, groups)
-    cfg = config or fused_score.tile_config((capability // 10, capability % 10), dot_dtype, c)
+    cfg = config or fused_score.tile_config((capability // 10, capability % 10), dot_dtype, c, negatives > 0)
     return compile_for(fused_score._fused_score_kernel, args, meta, cfg, capability, kernel="fused", dtype=dtype, c=c)
 
 
