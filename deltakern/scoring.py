@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from deltakern.core.constants import BACKENDS, MATMUL_PRECISIONS, MODES, TRITON_MAX_C
-from deltakern.core.dtypes import SAFE_ROW_EXPONENT, accumulation_dtype, rescale_rows, unit_row_exponents
+from deltakern.core.dtypes import SAFE_ROW_EXPONENT, accumulation_dtype, rescale_rows, row_max_abs, unit_row_exponents
 from deltakern.core.errors import InvalidArgument
 from deltakern.core.neglabel import negative_group_order, neglabel_log_share
 from deltakern.core.state import Scores, derive_scores
@@ -112,7 +112,7 @@ def _state(X, W, negatives, groups, *, temperature, c, normalize, backend, matmu
     return score_neg_state(X, W, negatives, temperature=temperature, c=c, groups=groups, normalize=normalize)
 
 
-def _within_safe_range(t: torch.Tensor) -> torch.Tensor:
+def _within_safe_range(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` itself, or a copy whose rows with a largest |value| outside
     ``2**±SAFE_ROW_EXPONENT`` are multiplied by a power of two (exact; no cosine changes).
 
@@ -120,8 +120,9 @@ def _within_safe_range(t: torch.Tensor) -> torch.Tensor:
     rows (rows of 1e-23 would look like zero rows, rows of 1e-21 lose digits) and overflows for
     huge ones; after this step it sees rows it normalises within the contract. The C++ op and the
     reference scale rows robustly themselves, so they are spared this extra pass over X.
+    ``amax``: the rows' largest |value| when the caller has it (from the value check).
     """
-    exponents = unit_row_exponents(t)
+    exponents = unit_row_exponents(t, amax)
     outside = exponents.abs() > SAFE_ROW_EXPONENT
     if not bool(outside.any()):
         return t
@@ -196,7 +197,10 @@ def _score_modes(
     normalize = check_bool("normalize", normalize)
     X, W = check_matrix("X", X), check_matrix("W", W)
     check_pair(X, W)
-    W = check_values("W", W, normalize=normalize, rescales_rows=True)
+    # Each row's largest |value|: one pass over each matrix serves the value check and, on the
+    # Triton path, the safe-range scaling (each made its own two passes over X before).
+    w_amax = row_max_abs(W)
+    W = check_values("W", W, normalize=normalize, rescales_rows=True, amax=w_amax)
     temperature = check_temperature("temperature", temperature)
     c = check_int_range("c", c, 1, W.shape[0])
     reset = check_finite_number("reset", reset)
@@ -211,6 +215,7 @@ def _score_modes(
         # One class dtype for both matrices (the kernels multiply X by each in the same way):
         # the wider of the two, so that neither loses digits.
         common = torch.promote_types(W.dtype, negatives.dtype)
+        w_amax = w_amax.to(common) if W.dtype != common else w_amax
         W = W.to(common)
         negatives = _grouped_negatives(negatives, negative_groups, common)
     chosen = resolve_backend(backend, X.device, c)
@@ -225,10 +230,12 @@ def _score_modes(
     # separate pass over X (at small K it cost as much as the op) and the check runs only to name
     # the argument when the op refuses.
     x_checked_by_op = normalize and chosen == "cpp"
+    x_amax = None
     if not x_checked_by_op:
-        X = check_values("X", X, normalize=normalize, rescales_rows=True)
+        x_amax = row_max_abs(X)
+        X = check_values("X", X, normalize=normalize, rescales_rows=True, amax=x_amax)
     if normalize and chosen == "triton":
-        X, W = _within_safe_range(X), _within_safe_range(W)
+        X, W = _within_safe_range(X, x_amax), _within_safe_range(W, w_amax)
         negatives = None if negatives is None else _within_safe_range(negatives)
     try:
         top_v, top_i, outside, lse_neg = _state(

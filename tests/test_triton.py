@@ -215,6 +215,32 @@ def test_gpu_tile_shapes(fused, monkeypatch, c, negatives):
     assert asked and all(kwargs == {"negatives": negatives} for kwargs in asked[:1]), asked
 
 
+def test_score_reduces_each_matrix_once_for_the_checks_and_the_scaling(fused, monkeypatch):
+    """dk.score on the Triton path: the value check and the safe-range scaling share one
+    largest-|value| pass over X and one over W (each made its own before)."""
+    import deltakern.core.dtypes as dtypes_module
+    import deltakern.core.validation as validation_module
+    import deltakern.scoring as scoring_module
+
+    real, reduced = dtypes_module.row_max_abs, []
+
+    def counting(t):
+        reduced.append(tuple(t.shape))
+        return real(t)
+
+    for module in (dtypes_module, validation_module, scoring_module):
+        monkeypatch.setattr(module, "row_max_abs", counting)
+    X, W = make_inputs(33, 20, 16, seed=3)
+    X[5] *= 2.0**-90  # a row outside the kernel's safe range: the scaling copies X
+    W[2] *= 2.0**70
+    got = dk.score(X, W, c=2, backend="triton")
+    assert reduced.count(tuple(X.shape)) == 1 and reduced.count(tuple(W.shape)) == 1, reduced
+    monkeypatch.undo()
+    want = dk.score(X, W, c=2, backend="reference")
+    for field in SCORE_FIELDS:
+        assert_close_contract(getattr(got, field), getattr(want, field), torch.float32, field)
+
+
 def test_c_above_limit_warns_and_matches_reference():
     X, W = make_inputs(5, 70, 16, seed=41)
     with pytest.warns(UserWarning, match="limit of 16"):

@@ -39,10 +39,11 @@ def _powers_of_two(exponents: torch.Tensor) -> torch.Tensor:
     return ((exponents.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
-def unit_row_exponents(t: torch.Tensor) -> torch.Tensor:
+def unit_row_exponents(t: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
     """Per row ``[N]`` int64: the ``e`` for which ``2**e · max|row|`` lies in [0.5, 1) (0 for
-    all-zero rows)."""
-    amax = row_max_abs(t)
+    all-zero rows). ``amax``: :func:`row_max_abs` of ``t`` when the caller already has it."""
+    if amax is None:
+        amax = row_max_abs(t)
     _, exponent = torch.frexp(amax if amax.dtype == torch.float64 else amax.to(torch.float32))
     return -exponent.to(torch.int64)
 

@@ -39,8 +39,13 @@ def check_matrix(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_values(name: str, t: torch.Tensor, *, normalize: bool, rescales_rows: bool = False) -> torch.Tensor:
+def check_values(
+    name: str, t: torch.Tensor, *, normalize: bool, rescales_rows: bool = False, amax: torch.Tensor | None = None
+) -> torch.Tensor:
     """Finite values; with ``normalize`` no all-zero rows.
+
+    ``amax``: :func:`~deltakern.core.dtypes.row_max_abs` of ``t`` when the caller already has it
+    (one pass over ``t`` serves the check and the caller's row scaling).
 
     ``rescales_rows``: the caller multiplies rows by powers of two before normalising them
     (``dk.score`` does, see :mod:`deltakern.core.dtypes`), so with ``normalize`` every finite
@@ -55,7 +60,7 @@ def check_values(name: str, t: torch.Tensor, *, normalize: bool, rescales_rows: 
     # The largest |value| per row is exact (a maximum never underflows), is NaN/inf exactly for
     # a non-finite row, and 0 exactly for an all-zero row: one pass and one host sync decide
     # every common case; norms are computed only for the rare rows near the overflow limit.
-    amax = row_max_abs(t).to(acc)
+    amax = (row_max_abs(t) if amax is None else amax).to(acc)
     tiny_limit = math.sqrt(info.tiny)  # squares of smaller values leave the normal range
     huge_limit = math.sqrt(info.max / t.shape[1])  # below this no sum of squares overflows
     non_finite, zero, tiny, huge = torch.stack([
