@@ -241,6 +241,18 @@ def test_score_reduces_each_matrix_once_for_the_checks_and_the_scaling(fused, mo
         assert_close_contract(getattr(got, field), getattr(want, field), torch.float32, field)
 
 
+def test_interpreted_launch_does_not_need_wrap_triton(fused, monkeypatch):
+    """torch before 2.14 refuses to wrap an interpreted kernel ("wrap_triton only works on
+    functions annotated with triton.jit"): under the interpreter the op launches it directly."""
+
+    def refuse(kernel):
+        raise RuntimeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+
+    monkeypatch.setattr(fused, "wrap_triton", refuse)
+    X, W = make_inputs(20, 9, 16, seed=5)
+    check_state(fused, X, W, temperature=0.01, c=2)
+
+
 def test_c_above_limit_warns_and_matches_reference():
     X, W = make_inputs(5, 70, 16, seed=41)
     with pytest.warns(UserWarning, match="limit of 16"):

@@ -440,6 +440,13 @@ def kernel_arguments(
     return args, meta, dot_dtype
 
 
+def _launcher(kernel):
+    """``wrap_triton(kernel)``, through which torch.compile traces the launch; under the
+    interpreter the kernel itself, since torch before 2.14 refuses to wrap an interpreted one
+    ("wrap_triton only works on functions annotated with triton.jit") and nothing is compiled."""
+    return kernel if triton.knobs.runtime.interpret else wrap_triton(kernel)
+
+
 @triton_op(OP_NAME, mutates_args=())
 def _fused_score_state_op(
     x: torch.Tensor, w: torch.Tensor, w_neg: torch.Tensor | None, inv_temp: float, c: int, groups: int,
@@ -450,11 +457,11 @@ def _fused_score_state_op(
     kernel = _kernels()
     if kernel is _autotuned:
         grid = lambda opts: (triton.cdiv(n, opts["BLOCK_M"]),)  # noqa: E731
-        wrap_triton(kernel)[grid](*args, **meta)
+        _launcher(kernel)[grid](*args, **meta)
     else:
         cfg = select_config(x.device, dot_dtype, c, negatives=w_neg is not None)
         grid = (triton.cdiv(n, cfg.block_m),)
-        wrap_triton(kernel)[grid](
+        _launcher(kernel)[grid](
             *args, **meta, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
