@@ -156,6 +156,7 @@ def test_float16_features_move_scores_as_the_readme_says():
 
 @needs_open_clip
 def test_readme_parquet_example_runs_on_a_scored_folder(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("pyarrow")  # the clip extra
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("### Open the scores in Python", 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)

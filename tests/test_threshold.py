@@ -106,6 +106,7 @@ def test_json_round_trip_and_load_errors(tmp_path):
 
 
 def test_calibrate_cli(tmp_path, capsys):
+    pytest.importorskip("pyarrow")  # the clip extra: scored parquet inputs
     id_a = write_scored(tmp_path / "id_a.parquet", 700, seed=1, c=2)
     id_b = write_scored(tmp_path / "id_b.parquet", 300, seed=2, c=2)
     ood = write_scored(tmp_path / "ood.parquet", 400, seed=3, c=2, shift=-1.5)

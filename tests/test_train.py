@@ -269,7 +269,7 @@ def test_checkpoint_contents_and_class_embeddings_from_checkpoint(image_folder, 
 
 @pytest.mark.slow
 def test_cli_trains_resumes_exports_and_score_uses_the_prompts(image_folder, tmp_path):
-    import pyarrow.parquet as pq
+    pq = pytest.importorskip("pyarrow.parquet")  # the clip extra
 
     from deltakern.cli import main
 
