@@ -106,14 +106,15 @@ def test_without_extension_falls_back_to_reference_and_says_so():
         "print(json.dumps({'backends': dk.available_backends('cpu'), 'env': collect()['extension'],"
         " 'n': len(r)}))"
     )
-    out = run_python(code, DELTAKERN_DISABLE_EXT="1")
+    # Not under Triton's interpreter, which would make the triton backend usable on the CPU.
+    out = run_python(code, DELTAKERN_DISABLE_EXT="1", TRITON_INTERPRET="0")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["backends"] == ["reference"] and report["n"] == 5
     assert report["env"]["loaded"] is False and "DELTAKERN_DISABLE_EXT" in report["env"]["reason"]
     asked = run_python(
         "import torch, deltakern as dk; dk.score(torch.randn(5, 8), torch.randn(4, 8), backend='cpp')",
-        DELTAKERN_DISABLE_EXT="1",
+        DELTAKERN_DISABLE_EXT="1", TRITON_INTERPRET="0",
     )
     assert asked.returncode != 0 and "backend='cpp' is not available" in asked.stderr
     assert "available: 'reference'" in asked.stderr
