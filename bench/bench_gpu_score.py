@@ -1,5 +1,6 @@
 """The GPU scoring table: the fused Triton kernel vs eager PyTorch, torch.compile of the reference,
-a bare torch.mm of the same shape and dtype (the ceiling) and a plain Triton GEMM with the fused
+a bare torch.mm of the same shape and dtype (the ceiling), the fused kernel alone without
+dk.score's checks and derivation (``triton-kernel``), and a plain Triton GEMM with the fused
 kernel's own tiles and products writing the logits, no epilogue (``triton-gemm``,
 deltakern/ops/triton/gemm.py): the upper bound for what the fused kernel can reach.
 
@@ -26,7 +27,16 @@ from deltakern import bench as bm
 from deltakern.bench import suite as bs
 from deltakern.bench.providers import Case
 
-PROVIDERS = ("deltakern-triton", "triton-gemm", "eager", "compile-reference", "torch.mm")
+PROVIDERS = ("deltakern-triton", "triton-kernel", "triton-gemm", "eager", "compile-reference", "torch.mm")
+
+
+def _make_triton_kernel(case: Case):
+    """The fused kernel alone (its per-row state), without dk.score's argument checks, row
+    scaling and score derivation: the difference to ``deltakern-triton`` is what those cost."""
+    from deltakern.bench.providers import TEMPERATURE
+    from deltakern.ops.triton.fused_score import fused_score_state
+
+    return lambda x, w: fused_score_state(x, w, inv_temp=1.0 / TEMPERATURE, c=case.c, normalize=True)
 
 
 def _make_triton_gemm(case: Case):
@@ -49,6 +59,7 @@ def providers() -> dict[str, dict]:
     from deltakern.bench.providers import Provider, score_providers
 
     chosen = score_providers("cuda")
+    chosen["triton-kernel"] = Provider("triton-kernel", "ceiling", _make_triton_kernel, checked=False)
     chosen["triton-gemm"] = Provider("triton-gemm", "ceiling", _make_triton_gemm, checked=False)
     return {"score": chosen}
 
@@ -78,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['shape']} {c['dtype']}: triton {c['provider_ms']:.2f} ms, {c['speedup']:.1f}x faster than eager")
     for c in bs.compare(rows, "deltakern-triton", "triton-gemm"):
         print(f"{c['shape']} {c['dtype']}: fused at {100 * c['speedup']:.0f}% of the Triton GEMM's rate (same tiles)")
+    for c in bs.compare(rows, "deltakern-triton", "triton-kernel"):
+        print(f"{c['shape']} {c['dtype']}: dk.score at {100 * c['speedup']:.0f}% of its kernel alone's rate")
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

@@ -30,8 +30,8 @@
 #   loss_tests    50 s  tests/test_loss_gpu.py and tests/test_ops_checks.py (no Triton compiles;
 #                       the largest case is B = 4096, K = 200,000)
 #   other_tests   30 s  every other tests/ file with a gpu mark (the CUDA metrics)
-#   score_table   90 s  bench/bench_gpu_score.py at K = 1000 (bf16, float32): the fused kernel,
-#                       its Triton GEMM baseline, torch.mm, eager, torch.compile
+#   score_table   90 s  bench/bench_gpu_score.py at K = 1000 (bf16, float32): dk.score, its kernel
+#                       alone, the Triton GEMM baseline, torch.mm, eager, torch.compile
 #   loss_bench    30 s  the fused EBM loss at B = 65,536
 #   pipeline      30 s  image pipeline throughput (only when open_clip is importable)
 #   heavy_tests  150 s  opt-in (GPU_CHECK_HEAVY=1): tests marked `gpu and slow` (10 autotune
@@ -89,12 +89,15 @@ for name, ours, base in (("gpu_score.json", "deltakern-triton", "eager"), ("loss
         continue
     rows = json.loads(path.read_text())["rows"]
     gemm = {(r["shape"], r["dtype"]): r["median_ms"] for r in rows if r["provider"] == "triton-gemm" and r["status"] == "ok"}
+    kernel = {(r["shape"], r["dtype"]): r["median_ms"] for r in rows if r["provider"] == "triton-kernel" and r["status"] == "ok"}
     for r in rows:
         if r["provider"] == ours and r["status"] == "ok":
             pct = "-" if r["pct_of_ceiling"] is None else f"{r['pct_of_ceiling']:.0f}% of {r['ceiling']}"
             x = "-" if r["speedup_vs_baseline"] is None else f"{r['speedup_vs_baseline']:.1f}x vs {base}"
             g = gemm.get((r["shape"], r["dtype"]))
             g = "" if g is None else f", {100 * g / r['median_ms']:.0f}% of the Triton GEMM's rate"
+            k = kernel.get((r["shape"], r["dtype"]))
+            g += "" if k is None else f", kernel alone {k:.3f} ms"
             mem = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f} MB"
             print(f"  {ours} {r['shape']} {r['dtype']}: {r['median_ms']:.3f} ms, {pct}{g}, {x}, peak extra {mem}")
     for r in rows:
