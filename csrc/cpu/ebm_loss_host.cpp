@@ -759,6 +759,23 @@ void project_rows(at::Tensor& g, const PreparedRows& v, bool normalize) {
   });
 }
 
+// The backward after the per-row coefficients, in the accumulation type T: the tiled GEMMs, the
+// target column's term and the projection through the normalisation, into the zeroed grad_x and
+// grad_w (undefined: not asked for).
+template <typename T>
+void backward_in(const PreparedRows& xp, const PreparedRows& wp, double inv_temp,
+                 const std::vector<GradRow>& rows_info, const at::Tensor& keep,
+                 const at::Tensor& grad_edited, const at::Tensor& target, bool normalize,
+                 at::Tensor& grad_x, at::Tensor& grad_w) {
+  std::vector<T> logit_factor, grad_factor;
+  class_factors(wp, inv_temp, logit_factor, grad_factor);
+  backward_gemms<T>(xp.gemm, wp.gemm, logit_factor.data(), grad_factor.data(), rows_info, grad_x,
+                    grad_w);
+  add_target_terms<T>(grad_x, grad_w, xp.gemm, wp, keep, grad_edited, target);
+  if (grad_x.defined()) project_rows<T>(grad_x, xp, normalize);
+  if (grad_w.defined()) project_rows<T>(grad_w, wp, normalize);
+}
+
 std::tuple<at::Tensor, at::Tensor> ebm_loss_backward_cpu(
     const at::Tensor& grad_ce, const at::Tensor& grad_delta, const at::Tensor& x_in,
     const at::Tensor& w_in, const at::Tensor& labels, const at::Tensor& target,
@@ -803,21 +820,11 @@ std::tuple<at::Tensor, at::Tensor> ebm_loss_backward_cpu(
   at::Tensor grad_w_hat = needs_w ? at::zeros({K, D}, x_hat.options()) : at::Tensor();
   const at::Tensor keep_rows = keep.contiguous();
   if (acc == at::kDouble) {
-    std::vector<double> logit_factor, grad_factor;
-    class_factors(wp, inv_temp, logit_factor, grad_factor);
-    backward_gemms<double>(x_hat, wp.gemm, logit_factor.data(), grad_factor.data(), rows_info,
-                           grad_x_hat, grad_w_hat);
-    add_target_terms<double>(grad_x_hat, grad_w_hat, x_hat, wp, keep_rows, c.grad_edited, t);
-    if (needs_x) project_rows<double>(grad_x_hat, xp, normalize);
-    if (needs_w) project_rows<double>(grad_w_hat, wp, normalize);
+    backward_in<double>(xp, wp, inv_temp, rows_info, keep_rows, c.grad_edited, t, normalize,
+                        grad_x_hat, grad_w_hat);
   } else {
-    std::vector<float> logit_factor, grad_factor;
-    class_factors(wp, inv_temp, logit_factor, grad_factor);
-    backward_gemms<float>(x_hat, wp.gemm, logit_factor.data(), grad_factor.data(), rows_info,
-                          grad_x_hat, grad_w_hat);
-    add_target_terms<float>(grad_x_hat, grad_w_hat, x_hat, wp, keep_rows, c.grad_edited, t);
-    if (needs_x) project_rows<float>(grad_x_hat, xp, normalize);
-    if (needs_w) project_rows<float>(grad_w_hat, wp, normalize);
+    backward_in<float>(xp, wp, inv_temp, rows_info, keep_rows, c.grad_edited, t, normalize,
+                       grad_x_hat, grad_w_hat);
   }
   if (needs_x) grad_x = grad_x_hat.to(x.scalar_type());
   if (needs_w) grad_w = grad_w_hat.to(w.scalar_type());
