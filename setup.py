@@ -11,6 +11,9 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (torch's own variable). When unset
                           and no GPU is visible, "8.0;9.0+PTX" (A100, H100/H200) is used.
   MAX_JOBS                parallel compile jobs (torch's own variable).
+
+The extension links the shared libstdc++ by name, and a build that still carries its own copy
+of it is refused (see ``_shared_cxx_runtime``).
 """
 
 from __future__ import annotations
