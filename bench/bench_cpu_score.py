@@ -157,10 +157,11 @@ def large_shape(args, record: Callable) -> None:
               "dk.score cpp, float32, medium": worst_error(X, W, medium)}
     print(f"N={n} K={k} D={d}, {args.rounds} interleaved rounds:")
     times = interleaved(calls, args.rounds)
-    record(f"N={n} K={k} D={d}", times, "float32 X @ W.T", errors)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"  dk.score cpp float32 / float32 GEMM: {med['dk.score cpp, float32'] / med['float32 X @ W.T']:.2f}x, "
-          f"paired {paired_ratio(times['dk.score cpp, float32'], times['float32 X @ W.T']):.2f}x (target <= 1.10)")
+    rows = record(f"N={n} K={k} D={d}", times, "float32 X @ W.T", errors)
+    med = {name: row["median_ms"] for name, row in rows.items()}
+    f32 = rows["dk.score cpp, float32"]
+    print(f"  dk.score cpp float32 / float32 GEMM: {f32['vs_baseline']:.2f}x, "
+          f"paired {f32['paired_vs_baseline']:.2f}x (target <= 1.10)")
     print(f"  dk.score cpp bfloat16 / bfloat16 GEMM: {med['dk.score cpp, bfloat16'] / med['bfloat16 X @ W.T']:.2f}x "
           "(target <= 1.35)")
     print(f"  dk.score cpp float32 / bfloat16: {med['dk.score cpp, float32'] / med['dk.score cpp, bfloat16']:.2f}x "
@@ -175,17 +176,21 @@ def targets(args) -> int:
           f"ATen capability {info['aten_capability']}, load average {info['load_average']}")
     results: list[dict] = []
 
-    def record(group: str, times: dict[str, list[float]], baseline: str, errors: dict[str, float]) -> None:
+    def record(group: str, times: dict[str, list[float]], baseline: str, errors: dict[str, float]) -> dict[str, dict]:
+        """Prints and keeps one row per call; returns them by call name."""
         base = statistics.median(times[baseline])
+        rows = {}
         for name, t in times.items():
             med = statistics.median(t)
             row = {"group": group, "call": name, "median_ms": med, "min_ms": min(t), "rounds": len(t),
                    "vs_baseline": med / base, "paired_vs_baseline": paired_ratio(t, times[baseline]),
                    "baseline": baseline, "error_vs_bound": errors.get(name)}
             results.append(row)
+            rows[name] = row
             err = "" if row["error_vs_bound"] is None else f"  worst error {row['error_vs_bound']:.3f}x bound"
             print(f"  {name:<36} {med:10.1f} ms (min {min(t):7.1f})  time {row['vs_baseline']:5.2f}x {baseline}'s"
                   f" (paired {row['paired_vs_baseline']:5.2f}x){err}")
+        return rows
 
     large_shape(args, record)
     d = args.d
