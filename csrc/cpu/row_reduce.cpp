@@ -4,7 +4,10 @@
 
 #include <ATen/Version.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <vector>
 #include <string>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
@@ -77,19 +80,24 @@ inline T finish(T max, double sum) {
                    : -std::numeric_limits<T>::infinity();
 }
 
-// The block operations of one instruction set, on blocks of 64 logits:
+// The block operations of one instruction set, on the n <= 64 logits of a block. A row's last
+// block may be short and takes the same vector code: at K = 1000 its 40 logits, summed with
+// scalar double exponentials, made the epilogue 15% slower (1.22 against 1.06 ns per logit).
+// The operations:
 //  - run: the sum of exp(v - shift) over the v < threshold (v - shift <= 0 there), adding to
 //    `equal` how many v equal the threshold;
 //  - above: a bit mask of the v > value (bit t for element t), so that a block holding new
 //    top-c candidates is walked candidate by candidate instead of element by element (a scalar
-//    compare and an unpredictable branch per element cost a quarter of the epilogue).
+//    compare and an unpredictable branch per element cost a quarter of the epilogue);
+//  - sum_all: run for a block whose every v is below the threshold (no compares, no tie count),
+//    which is every block but the few that hold the top-c list.
 struct GenericBlockSum {
   static constexpr int64_t kBlock = 64;
-  static float run(const float* block, float threshold, float shift, int64_t& equal) {
+  static float run(const float* block, int64_t n, float threshold, float shift, int64_t& equal) {
     float sum = 0.0f;
     int64_t same = 0;
 #pragma omp simd reduction(+ : sum, same)
-    for (int64_t t = 0; t < kBlock; ++t) {
+    for (int64_t t = 0; t < n; ++t) {
       const bool outside = block[t] < threshold;
       const float e = exp_nonpositive(outside ? block[t] - shift : 0.0f);
       sum += outside ? e : 0.0f;
@@ -98,41 +106,74 @@ struct GenericBlockSum {
     equal += same;
     return sum;
   }
-  static uint64_t above(const float* block, float value) {
+  static uint64_t above(const float* block, int64_t n, float value) {
     uint64_t mask = 0;
-    for (int64_t t = 0; t < kBlock; ++t) mask |= static_cast<uint64_t>(block[t] > value) << t;
+    for (int64_t t = 0; t < n; ++t) mask |= static_cast<uint64_t>(block[t] > value) << t;
     return mask;
   }
+  static float sum_all(const float* block, int64_t n, float shift) {
+    int64_t unused = 0;
+    return run(block, n, std::numeric_limits<float>::infinity(), shift, unused);
+  }
 };
+
+// The last n % width elements of a block, for the vector variants: the same exponential in
+// scalar form, and the same tie count.
+inline float run_scalar(const float* block, int64_t from, int64_t n, float threshold, float shift, int& equal) {
+  float sum = 0.0f;
+  for (int64_t t = from; t < n; ++t) {
+    if (block[t] < threshold) sum += exp_nonpositive(block[t] - shift);
+    equal += block[t] == threshold;
+  }
+  return sum;
+}
+
+inline uint64_t above_scalar(const float* block, int64_t from, int64_t n, float value) {
+  uint64_t mask = 0;
+  for (int64_t t = from; t < n; ++t) mask |= static_cast<uint64_t>(block[t] > value) << t;
+  return mask;
+}
 
 #if DK_X86_VARIANTS
 // The same with AVX2+FMA intrinsics: GCC leaves the loop above scalar for AVX2 (it vectorises
 // it only with AVX-512 masks), which made the exponentials the epilogue's whole cost.
 struct Avx2BlockSum {
   static constexpr int64_t kBlock = 64;
-  __attribute__((target("avx2,fma"))) static float run(const float* block, float threshold, float shift,
-                                                       int64_t& equal) {
+  __attribute__((target("avx2,fma"))) static float run(const float* block, int64_t n, float threshold,
+                                                       float shift, int64_t& equal) {
     const __m256 thr = _mm256_set1_ps(threshold), sh = _mm256_set1_ps(shift);
     __m256 acc = _mm256_setzero_ps();
     int same = 0;
-    for (int64_t t = 0; t < kBlock; t += 8) {
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
       const __m256 v = _mm256_loadu_ps(block + t);
       const __m256 outside = _mm256_cmp_ps(v, thr, _CMP_LT_OQ);
       same += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(v, thr, _CMP_EQ_OQ)));
       const __m256 e = exp_nonpositive_avx2(_mm256_and_ps(outside, _mm256_sub_ps(v, sh)));
       acc = _mm256_add_ps(acc, _mm256_and_ps(outside, e));
     }
+    const float rest = t < n ? run_scalar(block, t, n, threshold, shift, same) : 0.0f;
     equal += same;
-    return sum_lanes_avx2(acc);
+    return sum_lanes_avx2(acc) + rest;
   }
-  __attribute__((target("avx2,fma"))) static uint64_t above(const float* block, float value) {
+  __attribute__((target("avx2,fma"))) static float sum_all(const float* block, int64_t n, float shift) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) acc = _mm256_add_ps(acc, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(block + t), sh)));
+    float rest = 0.0f;
+    for (; t < n; ++t) rest += exp_nonpositive(block[t] - shift);
+    return sum_lanes_avx2(acc) + rest;
+  }
+  __attribute__((target("avx2,fma"))) static uint64_t above(const float* block, int64_t n, float value) {
     const __m256 limit = _mm256_set1_ps(value);
     uint64_t mask = 0;
-    for (int64_t t = 0; t < kBlock; t += 8) {
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
       const __m256 v = _mm256_loadu_ps(block + t);
       mask |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, limit, _CMP_GT_OQ))) << t;
     }
-    return mask;
+    return t < n ? mask | above_scalar(block, t, n, value) : mask;
   }
 };
 
@@ -155,29 +196,36 @@ struct Sse2BlockSum {
     const __m128i bits = _mm_slli_epi32(_mm_add_epi32(_mm_cvttps_epi32(n), _mm_set1_epi32(127)), 23);
     return _mm_mul_ps(y, _mm_castsi128_ps(bits));
   }
-  static float run(const float* block, float threshold, float shift, int64_t& equal) {
+  static float run(const float* block, int64_t n, float threshold, float shift, int64_t& equal) {
     const __m128 thr = _mm_set1_ps(threshold), sh = _mm_set1_ps(shift);
     __m128 acc = _mm_setzero_ps();
     int same = 0;
-    for (int64_t t = 0; t < kBlock; t += 4) {
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
       const __m128 v = _mm_loadu_ps(block + t);
       const __m128 outside = _mm_cmplt_ps(v, thr);
       same += __builtin_popcount(_mm_movemask_ps(_mm_cmpeq_ps(v, thr)));
       const __m128 e = exp_nonpositive4(_mm_and_ps(outside, _mm_sub_ps(v, sh)));
       acc = _mm_add_ps(acc, _mm_and_ps(outside, e));
     }
+    const float rest = t < n ? run_scalar(block, t, n, threshold, shift, same) : 0.0f;
     equal += same;
     const __m128 pair = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
-    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1))) + rest;
   }
-  static uint64_t above(const float* block, float value) {
+  static float sum_all(const float* block, int64_t n, float shift) {
+    int64_t unused = 0;
+    return run(block, n, std::numeric_limits<float>::infinity(), shift, unused);
+  }
+  static uint64_t above(const float* block, int64_t n, float value) {
     const __m128 limit = _mm_set1_ps(value);
     uint64_t mask = 0;
-    for (int64_t t = 0; t < kBlock; t += 4) {
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
       const __m128 v = _mm_loadu_ps(block + t);
       mask |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpgt_ps(v, limit))) << t;
     }
-    return mask;
+    return t < n ? mask | above_scalar(block, t, n, value) : mask;
   }
 };
 using PortableBlockSum = Sse2BlockSum;
@@ -213,10 +261,12 @@ inline float scale_block(float* block, int64_t n, float scale, const float* col,
 }
 
 // Two vectorised passes over a row of raw dot products that sits in L1:
-//  1. scale each block into logits (in place) and take its maximum; a block whose maximum is
-//     not above the list's c-th value (once the list is full) adds nothing to the top-c list.
-//     Other blocks offer only their elements above that value, in column order, found with one
-//     vector compare (no exponential, no per-element branch);
+//  1. scale each block into logits (in place) and take its maximum. The list's c-th value is at
+//     least t0, the c-th largest block maximum (the c blocks holding the largest maxima hold c
+//     logits >= t0), so only the logits >= t0 can enter the list: they are found block by block
+//     with one vector compare, in blocks whose maximum reaches t0, and offered in column order.
+//     That is about c candidates per row instead of every new running maximum, each an
+//     unpredictable branch and a list insertion (at c = 5 these took a fifth of the epilogue);
 //  2. with t the list's c-th value: the sum of exp(v - t) over the v < t, and how many logits
 //     equal t (those beyond the list's own copies of t are outside it: equal values rank by
 //     lower index, and each adds exp(0) = 1).
@@ -229,33 +279,52 @@ template <typename Ops>
 inline bool scale_reduce_row_f32_body(float* row, int64_t K, float scale, const float* col, int64_t c,
                                       float* top_values, int64_t* top_indices, float* lse_outside) {
   constexpr int64_t kBlock = Ops::kBlock;
+  constexpr int64_t kStackBlocks = 256;  // rows up to K = 16384 keep their block maxima on the stack
+  constexpr int64_t kSmallC = 16;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  float stack[2 * kStackBlocks];  // the block maxima, then a copy that selection reorders
+  std::vector<float> heap(blocks > kStackBlocks ? 2 * blocks : 0);
+  float* maxima = blocks > kStackBlocks ? heap.data() : stack;
+  float probe = 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j = b * kBlock;
+    maxima[b] = scale_block(row + j, std::min(kBlock, K - j), scale, col == nullptr ? nullptr : col + j, probe);
+  }
+  if (!(probe == 0.0f)) return false;
+
+  // t0 (-inf when there are fewer blocks than c: every logit is a candidate).
+  float t0 = kNegInf;
+  if (c <= kSmallC) {
+    // The c largest maxima by insertion into a short sorted list: a handful of moves per row,
+    // where a selection algorithm's partitioning branches mispredict on every call.
+    float largest[kSmallC];
+    std::fill(largest, largest + c, kNegInf);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float v = maxima[b];
+      if (!(v > largest[c - 1])) continue;
+      int64_t pos = c - 1;
+      for (; pos > 0 && largest[pos - 1] < v; --pos) largest[pos] = largest[pos - 1];
+      largest[pos] = v;
+    }
+    t0 = largest[c - 1];
+  } else if (c <= blocks) {
+    float* order = std::copy(maxima, maxima + blocks, maxima + blocks) - blocks;
+    std::nth_element(order, order + (c - 1), order + blocks, std::greater<float>());
+    t0 = order[c - 1];
+  }
+  const float below_t0 = std::nextafter(t0, kNegInf);  // v > below_t0 <=> v >= t0
   TopList<float> top{top_values, top_indices, c};
   float evicted = kNegInf;
-  float probe = 0.0f;
-  const auto offer_each = [&](const float* values, int64_t first, int64_t n) {
-    for (int64_t t = 0; t < n; ++t) {
-      if (top.accepts(values[t])) top.insert(values[t], first + t, evicted);
-    }
-  };
-  int64_t j = 0;
-  for (; j + kBlock <= K; j += kBlock) {
-    float* block = row + j;
-    const float block_max = scale_block(block, kBlock, scale, col == nullptr ? nullptr : col + j, probe);
-    if (!top.full()) {
-      offer_each(block, j, kBlock);
-    } else if (block_max > top.values[c - 1]) {
-      // The list's c-th value only rises while a block is walked, so every element the walk
-      // skips (not above the value at the start) would have been refused anyway.
-      for (uint64_t mask = Ops::above(block, top.values[c - 1]); mask != 0; mask &= mask - 1) {
-        const int64_t t = __builtin_ctzll(mask);
-        if (top.accepts(block[t])) top.insert(block[t], j + t, evicted);
-      }
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (maxima[b] < t0) continue;
+    const int64_t j = b * kBlock;
+    const float* block = row + j;
+    for (uint64_t mask = Ops::above(block, std::min(kBlock, K - j), below_t0); mask != 0; mask &= mask - 1) {
+      const int64_t t = __builtin_ctzll(mask);
+      if (top.accepts(block[t])) top.insert(block[t], j + t, evicted);
     }
   }
-  scale_block(row + j, K - j, scale, col == nullptr ? nullptr : col + j, probe);
-  offer_each(row + j, j, K - j);
-  if (!(probe == 0.0f)) return false;
   if (K == c) {
     *lse_outside = kNegInf;
     return true;
@@ -266,11 +335,9 @@ inline bool scale_reduce_row_f32_body(float* row, int64_t K, float scale, const 
   for (int64_t i = 0; i < c; ++i) in_list += top.values[i] == threshold;
   int64_t equal = 0;
   double sum = 0.0;
-  int64_t k = 0;
-  for (; k + kBlock <= K; k += kBlock) sum += Ops::run(row + k, threshold, threshold, equal);
-  for (; k < K; ++k) {
-    if (row[k] < threshold) sum += std::exp(static_cast<double>(row[k] - threshold));
-    equal += row[k] == threshold;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k = b * kBlock, n = std::min(kBlock, K - k);
+    sum += maxima[b] < threshold ? Ops::sum_all(row + k, n, threshold) : Ops::run(row + k, n, threshold, threshold, equal);
   }
   const int64_t equal_outside = equal - in_list;
   if (equal_outside > 0 || sum >= 0x1p-60) {
@@ -287,10 +354,9 @@ inline bool scale_reduce_row_f32_body(float* row, int64_t K, float scale, const 
   }
   int64_t unused = 0;
   sum = 0.0;
-  k = 0;
-  for (; k + kBlock <= K; k += kBlock) sum += Ops::run(row + k, threshold, outside_max, unused);
-  for (; k < K; ++k) {
-    if (row[k] < threshold) sum += std::exp(static_cast<double>(row[k] - outside_max));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k = b * kBlock, n = std::min(kBlock, K - k);
+    sum += maxima[b] < threshold ? Ops::sum_all(row + k, n, outside_max) : Ops::run(row + k, n, threshold, outside_max, unused);
   }
   *lse_outside = finish(outside_max, sum);
   return true;
@@ -314,10 +380,7 @@ inline float lse_row_f32_body(const float* row, int64_t n) {
 #pragma omp simd reduction(max : max)
   for (int64_t j = 0; j < n; ++j) max = row[j] > max ? row[j] : max;
   double sum = 0.0;
-  int64_t j = 0;
-  int64_t unused = 0;
-  for (; j + kBlock <= n; j += kBlock) sum += BlockSum::run(row + j, kInf, max, unused);
-  for (; j < n; ++j) sum += std::exp(static_cast<double>(row[j] - max));
+  for (int64_t j = 0; j < n; j += kBlock) sum += BlockSum::sum_all(row + j, std::min(kBlock, n - j), max);
   return finish(max, sum);
 }
 
