@@ -80,6 +80,23 @@ def test_non_finite_x_row(bad, normalize, dtype):
     expect_error(match, x, w, 100.0, 2, normalize)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_lowest_failing_row_is_named_whichever_thread_finds_it(normalize):
+    # 20,000 rows of K = 70 make several chunks; with 2 threads, the chunks holding rows 200 and
+    # 5000 run at the same time and both fail: the error must name row 200 on every call.
+    x, w = inputs(n=20000, k=70)
+    x[5000, 1] = math.nan
+    x[200, 4] = math.inf
+    match = r"row 200 of x has a non-finite L2 norm" if normalize else r"the logits of row 200 are not finite"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(5):
+            expect_error(match, x, w, 100.0, 1, normalize)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_non_finite_w_row(bad, normalize):

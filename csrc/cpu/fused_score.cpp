@@ -4,8 +4,8 @@
 // each row's norm is computed once, robustly, and the per-row factor inv_temp/|x| (times
 // 1/|w_k| per column when W cannot be pre-normalised) is applied to each logit in the epilogue,
 // which then reduces the row to its top-c list and outside log-sum-exp. W (small) is prepared
-// once. Each thread takes a contiguous range of row chunks and runs norms, a single-threaded
-// GEMM and the epilogue on them with its own buffers, sized so that a chunk's logits (chunk x K
+// once. Each thread takes chunks of rows in turn from a shared counter and runs norms, a
+// single-threaded GEMM and the epilogue on them with its own buffers, sized so that a chunk's logits (chunk x K
 // floats, ~1 MB) and converted rows stay in cache. Extra memory is O(threads*chunk*(K + D) +
 // K*D), never O(N*K).
 //
@@ -447,10 +447,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
     for (auto& cls : classes) cls.prepare(acc, normalize);
   }
 
-  // One parallel region for the whole op: each thread takes a contiguous range of chunks and
-  // runs norms, GEMM (single-threaded inside the region) and epilogue on them with its own
-  // buffers. Three regions per chunk (norms, a multi-threaded GEMM, epilogue) made every chunk
-  // wait for the slowest core three times, which a busy machine punished far more than one GEMM.
+  // One parallel region for the whole op: each thread takes chunks in increasing order from a
+  // shared counter and runs norms, GEMM (single-threaded inside the region) and epilogue on them
+  // with its own buffers. Three regions per chunk (norms, a multi-threaded GEMM, epilogue) made
+  // every chunk wait for the slowest core three times, which a busy machine punished far more
+  // than one GEMM; and a fixed split into one range per thread left the other cores idle at the
+  // end for as long as the core that the machine slowed (another process, a VM's stolen time)
+  // lagged behind, where taking chunks on demand keeps every core busy to the end.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_row = std::max(K + M, D);
   const int64_t cache_rows = std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(per_row, 1));
@@ -464,7 +467,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
   int64_t* idx_ptr = top_indices.data_ptr<int64_t>();
 
   FirstError errors;
-  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+  // Chunks are handed out in increasing order, so a chunk below a failed row is always
+  // processed: the error raised is the lowest failing row's, however the chunks were shared.
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, std::min(threads, num_chunks), 1, [&](int64_t, int64_t) {
     at::Tensor logits_buf = at::empty({chunk, K}, opts);
     at::Tensor neg_buf = has_neg ? at::empty({chunk, M}, opts) : at::Tensor();
     at::Tensor x_buf;  // converted (and where needed rescaled) rows of x, in acc
@@ -475,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
     scales.row_f32.resize(f64 ? 0 : chunk);
     scales.row_f64.resize(f64 ? chunk : 0);
 
-    for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
+    for (int64_t ci = next_chunk.fetch_add(1); ci < num_chunks; ci = next_chunk.fetch_add(1)) {
       const int64_t start = ci * chunk;
       if (!errors.clear_below(start)) break;  // a lower row already failed
       const int64_t rows = std::min(chunk, N - start);
