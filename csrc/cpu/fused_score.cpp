@@ -5,9 +5,9 @@
 // 1/|w_k| per column when W cannot be pre-normalised) is applied to each logit in the epilogue,
 // which then reduces the row to its top-c list and outside log-sum-exp. W (small) is prepared
 // once. Each thread takes chunks of rows in turn from a shared counter and runs norms, a
-// single-threaded GEMM and the epilogue on them with its own buffers, sized so that a chunk's logits (chunk x K
-// floats, ~1 MB) and converted rows stay in cache. Extra memory is O(threads*chunk*(K + D) +
-// K*D), never O(N*K).
+// single-threaded GEMM and the epilogue on them with its own buffers, sized so that a chunk's
+// logits (chunk x K floats, ~1 MB) and converted rows stay in cache. Extra memory is
+// O(threads*chunk*(K + D) + K*D), never O(N*K).
 //
 // GEMM per input dtype:
 //   float32: at::mm (MKL sgemm) on x as given and the unit-norm float32 W.
