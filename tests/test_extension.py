@@ -181,6 +181,22 @@ def test_op_float32_matches_float64_oracle(n, k, d):
 
 
 @needs_ext
+@pytest.mark.parametrize("k,c", [(1100, 1), (1100, 3), (1100, 16), (2000, 17), (4000, 40), (1000, 40)])
+def test_op_rows_of_many_blocks_match_the_oracle(k, c):
+    # Rows of many 64-logit blocks (the last one short at K = 1100 and 1000): the top-c list takes
+    # the logits at or above the c-th largest block maximum, picked by insertion up to c = 16 and
+    # by selection above, and every logit where c exceeds the number of blocks (K = 1000, c = 40).
+    x, w = _rows(60, k, 48, torch.float32, seed=k + c)
+    _check_state(x, w, 100.0, c, torch.float32)
+    # Small integers and repeated class rows: exact ties within and across blocks, which must go
+    # to the lower class index, and copies of the c-th value outside the list.
+    g = torch.Generator().manual_seed(k + c)
+    xi = torch.randint(-3, 4, (60, 16), generator=g).float()
+    wi = torch.randint(-3, 4, (k // 3, 16), generator=g).float()[torch.randint(0, k // 3, (k,), generator=g)]
+    _check_state(xi, wi, 0.25, c, torch.float32, normalize=False)
+
+
+@needs_ext
 @pytest.mark.parametrize("mode", HALF_MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,d", [(1, 1, 3), (7, 3, 65), (257, 1001, 512), (257, 3, 512), (7, 1001, 3)])
