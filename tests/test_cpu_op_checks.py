@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltakern.ops import extension as _ext
+from deltakern.pipeline.parallelism import torch_threads
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.unavailable_reason()}")
 
@@ -88,13 +89,9 @@ def test_the_lowest_failing_row_is_named_whichever_thread_finds_it(normalize):
     x[5000, 1] = math.nan
     x[200, 4] = math.inf
     match = r"row 200 of x has a non-finite L2 norm" if normalize else r"the logits of row 200 are not finite"
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         for _ in range(5):
             expect_error(match, x, w, 100.0, 1, normalize)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

@@ -91,6 +91,15 @@ inline T finish(T max, double sum) {
 //    compare and an unpredictable branch per element cost a quarter of the epilogue);
 //  - sum_all: run for a block whose every v is below the threshold (no compares, no tie count),
 //    which is every block but the few that hold the top-c list.
+// sum_all through run with an infinite threshold, for the variants without a dedicated one.
+template <typename Ops>
+inline float sum_all_by_run(const float* block, int64_t n, float shift) {
+  int64_t unused = 0;
+  return Ops::run(block, n, std::numeric_limits<float>::infinity(), shift, unused);
+}
+
+// The generic operations also finish the last n % width elements of a block for the vector
+// variants below (the same exponential, the same tie count).
 struct GenericBlockSum {
   static constexpr int64_t kBlock = 64;
   static float run(const float* block, int64_t n, float threshold, float shift, int64_t& equal) {
@@ -111,28 +120,8 @@ struct GenericBlockSum {
     for (int64_t t = 0; t < n; ++t) mask |= static_cast<uint64_t>(block[t] > value) << t;
     return mask;
   }
-  static float sum_all(const float* block, int64_t n, float shift) {
-    int64_t unused = 0;
-    return run(block, n, std::numeric_limits<float>::infinity(), shift, unused);
-  }
+  static float sum_all(const float* block, int64_t n, float shift) { return sum_all_by_run<GenericBlockSum>(block, n, shift); }
 };
-
-// The last n % width elements of a block, for the vector variants: the same exponential in
-// scalar form, and the same tie count.
-inline float run_scalar(const float* block, int64_t from, int64_t n, float threshold, float shift, int& equal) {
-  float sum = 0.0f;
-  for (int64_t t = from; t < n; ++t) {
-    if (block[t] < threshold) sum += exp_nonpositive(block[t] - shift);
-    equal += block[t] == threshold;
-  }
-  return sum;
-}
-
-inline uint64_t above_scalar(const float* block, int64_t from, int64_t n, float value) {
-  uint64_t mask = 0;
-  for (int64_t t = from; t < n; ++t) mask |= static_cast<uint64_t>(block[t] > value) << t;
-  return mask;
-}
 
 #if DK_X86_VARIANTS
 // The same with AVX2+FMA intrinsics: GCC leaves the loop above scalar for AVX2 (it vectorises
@@ -152,18 +141,15 @@ struct Avx2BlockSum {
       const __m256 e = exp_nonpositive_avx2(_mm256_and_ps(outside, _mm256_sub_ps(v, sh)));
       acc = _mm256_add_ps(acc, _mm256_and_ps(outside, e));
     }
-    const float rest = t < n ? run_scalar(block, t, n, threshold, shift, same) : 0.0f;
     equal += same;
-    return sum_lanes_avx2(acc) + rest;
+    return sum_lanes_avx2(acc) + (t < n ? GenericBlockSum::run(block + t, n - t, threshold, shift, equal) : 0.0f);
   }
   __attribute__((target("avx2,fma"))) static float sum_all(const float* block, int64_t n, float shift) {
     const __m256 sh = _mm256_set1_ps(shift);
     __m256 acc = _mm256_setzero_ps();
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) acc = _mm256_add_ps(acc, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(block + t), sh)));
-    float rest = 0.0f;
-    for (; t < n; ++t) rest += exp_nonpositive(block[t] - shift);
-    return sum_lanes_avx2(acc) + rest;
+    return sum_lanes_avx2(acc) + (t < n ? GenericBlockSum::sum_all(block + t, n - t, shift) : 0.0f);
   }
   __attribute__((target("avx2,fma"))) static uint64_t above(const float* block, int64_t n, float value) {
     const __m256 limit = _mm256_set1_ps(value);
@@ -173,7 +159,7 @@ struct Avx2BlockSum {
       const __m256 v = _mm256_loadu_ps(block + t);
       mask |= static_cast<uint64_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, limit, _CMP_GT_OQ))) << t;
     }
-    return t < n ? mask | above_scalar(block, t, n, value) : mask;
+    return t < n ? mask | (GenericBlockSum::above(block + t, n - t, value) << t) : mask;
   }
 };
 
@@ -208,15 +194,12 @@ struct Sse2BlockSum {
       const __m128 e = exp_nonpositive4(_mm_and_ps(outside, _mm_sub_ps(v, sh)));
       acc = _mm_add_ps(acc, _mm_and_ps(outside, e));
     }
-    const float rest = t < n ? run_scalar(block, t, n, threshold, shift, same) : 0.0f;
     equal += same;
     const __m128 pair = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
-    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1))) + rest;
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1))) +
+           (t < n ? GenericBlockSum::run(block + t, n - t, threshold, shift, equal) : 0.0f);
   }
-  static float sum_all(const float* block, int64_t n, float shift) {
-    int64_t unused = 0;
-    return run(block, n, std::numeric_limits<float>::infinity(), shift, unused);
-  }
+  static float sum_all(const float* block, int64_t n, float shift) { return sum_all_by_run<Sse2BlockSum>(block, n, shift); }
   static uint64_t above(const float* block, int64_t n, float value) {
     const __m128 limit = _mm_set1_ps(value);
     uint64_t mask = 0;
@@ -225,7 +208,7 @@ struct Sse2BlockSum {
       const __m128 v = _mm_loadu_ps(block + t);
       mask |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpgt_ps(v, limit))) << t;
     }
-    return t < n ? mask | above_scalar(block, t, n, value) : mask;
+    return t < n ? mask | (GenericBlockSum::above(block + t, n - t, value) << t) : mask;
   }
 };
 using PortableBlockSum = Sse2BlockSum;
@@ -299,15 +282,13 @@ inline bool scale_reduce_row_f32_body(float* row, int64_t K, float scale, const 
     // The c largest maxima by insertion into a short sorted list: a handful of moves per row,
     // where a selection algorithm's partitioning branches mispredict on every call.
     float largest[kSmallC];
-    std::fill(largest, largest + c, kNegInf);
+    int64_t unused_blocks[kSmallC];
+    float unused = kNegInf;
+    TopList<float> best{largest, unused_blocks, c};
     for (int64_t b = 0; b < blocks; ++b) {
-      const float v = maxima[b];
-      if (!(v > largest[c - 1])) continue;
-      int64_t pos = c - 1;
-      for (; pos > 0 && largest[pos - 1] < v; --pos) largest[pos] = largest[pos - 1];
-      largest[pos] = v;
+      if (best.accepts(maxima[b])) best.insert(maxima[b], b, unused);
     }
-    t0 = largest[c - 1];
+    if (best.full()) t0 = largest[c - 1];
   } else if (c <= blocks) {
     float* order = std::copy(maxima, maxima + blocks, maxima + blocks) - blocks;
     std::nth_element(order, order + (c - 1), order + blocks, std::greater<float>());
