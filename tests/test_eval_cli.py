@@ -392,16 +392,19 @@ def neglabel_rows(out) -> dict:
 
 def test_eval_negative_labels_row_equals_direct_mining(tmp_path, tiny, capsys):
     """The NegLabel row of `--negative-labels` is that of dk.score with the negatives that
-    mine_negative_labels gives for the same model, class names, vocabulary, templates and M."""
+    mine_negative_labels gives for the same model, class names, vocabulary, templates, M and
+    precision (the run's default `--precision auto`: bf16 autocast on CPUs with native bf16)."""
     from deltakern.clip import zeroshot
     from deltakern.clip.negatives import mine_negative_labels
+    from deltakern.runtime.devices import autocast_dtype, resolve_precision
 
     out = tmp_path / "report"
     assert cli.main(neg_argv(tiny, out, tmp_path / "cache", "--n-negative", "6", "--negative-groups", "3")) == 0
     assert "NegLabel" in capsys.readouterr().out
     # mined again from scratch (its own cache), not read back from the run's cache
     mined = mine_negative_labels(tiny.clip, NEG_CLASSES, tiny.vocab, 6, zeroshot.template_preset("single"),
-                                 cache_dir=tmp_path / "direct")  # fmt: skip
+                                 cache_dir=tmp_path / "direct",
+                                 autocast_dtype=autocast_dtype(resolve_precision("auto", torch.device("cpu"))))  # fmt: skip
     scores = {name: dk.score(X, tiny.W, temperature=TAU, c=C, backend="reference", negatives=mined.embeddings,
                              negative_groups=3).neglabel for name, X in (("ID", tiny.X_id), ("far", tiny.X_ood))}  # fmt: skip
     want = dk.metrics.ood_metrics(scores["ID"], scores["far"])

@@ -21,6 +21,7 @@ from test_pipeline import CLASSES, common, feature_matrix, run_cli  # noqa: E402
 from deltakern.clip import zeroshot  # noqa: E402
 from deltakern.clip.models import TINY_MODEL, load_model  # noqa: E402
 from deltakern.clip.negatives import mine_negative_labels  # noqa: E402
+from deltakern.runtime.devices import autocast_dtype  # noqa: E402
 
 VOCAB = ["river", "violin", "cloud", "spoon", "harbour", "Cat", "lamp", "desert", "anchor", "tulip", "river", "comet"]
 
@@ -57,12 +58,16 @@ def test_neglabel_column_against_float64(work):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clip = load_model(TINY_MODEL, "none", device="cpu", seed=0)
-    mined = mine_negative_labels(clip, CLASSES, work.root / "vocab.txt", 6, zeroshot.template_preset("single"),
-                                 cache_dir=work.cache)  # fmt: skip
     manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    # The text embeddings at the run's precision (`--precision auto`: bf16 autocast on CPUs with
+    # native bf16), as the manifest records it.
+    dtype = autocast_dtype(manifest["args"]["precision"])
+    mined = mine_negative_labels(clip, CLASSES, work.root / "vocab.txt", 6, zeroshot.template_preset("single"),
+                                 cache_dir=work.cache, autocast_dtype=dtype)  # fmt: skip
     assert manifest["negative_labels"]["names"] == mined.names and manifest["negative_labels"]["groups"] == 3
     X, _ = feature_matrix(work.root / "feats")
-    W = zeroshot.build_class_embeddings(clip.model, clip.tokenizer, CLASSES, zeroshot.template_preset("single"))
+    W = zeroshot.build_class_embeddings(clip.model, clip.tokenizer, CLASSES, zeroshot.template_preset("single"),
+                                        autocast_dtype=dtype)  # fmt: skip
     want = neglabel64(X, W, mined.embeddings, temperature=0.01, groups=3)
     assert_close_contract(torch.tensor(table.column("neglabel").to_pylist()), want, torch.float32, "neglabel")
 

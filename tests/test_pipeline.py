@@ -52,6 +52,9 @@ def common(work, *, workers: int = 0) -> list[str]:
     return [
         "--model", TINY_MODEL, "--pretrained", "none", "--shard-size", str(SHARD), "--batch-size", "5",
         "--workers", str(workers), "--device", "cpu", "--no-progress",
+        # float32 like the oracles these runs are checked against ("auto" is bf16 autocast on CPUs
+        # with native bf16; test_runs.py checks that the precision reaches the encoder)
+        "--precision", "fp32",
     ]  # fmt: skip
 
 

@@ -62,6 +62,9 @@ def common(*, workers: int = 0) -> list[str]:
     return [
         "--model", TINY_MODEL, "--pretrained", "none", "--shard-size", "8", "--batch-size", "5",
         "--workers", str(workers), "--device", "cpu", "--no-progress",
+        # float32 like the oracles these runs are checked against ("auto" is bf16 autocast on CPUs
+        # with native bf16; test_runs.py checks that the precision reaches the encoder)
+        "--precision", "fp32",
     ]  # fmt: skip
 
 
@@ -427,7 +430,7 @@ def test_matmul_precision_reaches_the_scores_and_names_the_run(work, features32,
     default leaves the arguments as they were before the setting existed."""
     if "cpp" not in dk.available_backends("cpu"):
         pytest.skip("needs the compiled CPU op")
-    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "native")
+    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "mkl")
     rows = {}
     for precision in ("highest", "medium"):
         out = tmp_path / precision / "scores.parquet"

@@ -45,9 +45,11 @@ def _tiny():
 
 
 def _config(image_folder: str, **overrides) -> tr.TrainConfig:
+    # float32 throughout: the runs compared below must round alike, and "auto" is bf16 autocast on
+    # CPUs with native bf16 (`--precision` in the README).
     base = dict(
         model=TINY_MODEL, pretrained="none", train_dir=image_folder, shots=4, epochs=3, batch_size=4,
-        workers=0, lr=0.05, cache_image_features=True, seed=3,
+        workers=0, lr=0.05, cache_image_features=True, seed=3, precision="fp32",
     )
     base.update(overrides)
     return tr.TrainConfig(**base)
@@ -275,7 +277,8 @@ def test_cli_trains_resumes_exports_and_score_uses_the_prompts(image_folder, tmp
 
     ckpt, W_path = tmp_path / "ck.pt", tmp_path / "W.npy"
     common = ["--model", TINY_MODEL, "--pretrained", "none", "--train", image_folder, "--shots", "3",
-              "--batch-size", "3", "--cache-image-features", "--workers", "0", "--quiet", "--init", "none", "--n-ctx", "3"]
+              "--batch-size", "3", "--cache-image-features", "--workers", "0", "--quiet", "--init", "none", "--n-ctx", "3",
+              "--precision", "fp32"]  # the float32 oracle below
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["train", *common, "--epochs", "2", "--stop-after-epochs", "1", "--out", str(ckpt)]) == 0
@@ -295,7 +298,8 @@ def test_cli_trains_resumes_exports_and_score_uses_the_prompts(image_folder, tmp
 
         out = tmp_path / "scores.parquet"
         code = main(["score", "--images", image_folder, "--model", TINY_MODEL, "--pretrained", "none",
-                     "--prompts", str(ckpt), "--out", str(out), "--workers", "0", "--batch-size", "8"])
+                     "--prompts", str(ckpt), "--out", str(out), "--workers", "0", "--batch-size", "8",
+                     "--precision", "fp32"])
     assert code == 0
     table = pq.read_table(out).sort_by("id").to_pydict()
     # the scores are those of the image features against the learned class embeddings
@@ -313,7 +317,8 @@ def test_cli_trains_resumes_exports_and_score_uses_the_prompts(image_folder, tmp
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(image_folder, tmp_path):
     args = ["--model", TINY_MODEL, "--pretrained", "none", "--train", image_folder, "--shots", "4",
-            "--epochs", "2", "--cache-image-features", "--workers", "0", "--quiet", "--lr", "0.05", "--seed", "3"]
+            "--epochs", "2", "--cache-image-features", "--workers", "0", "--quiet", "--lr", "0.05", "--seed", "3",
+            "--precision", "fp32"]  # as _config: both runs round alike
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     ddp_ckpt = tmp_path / "ddp.pt"
     proc = subprocess.run(
