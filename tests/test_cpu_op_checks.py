@@ -173,4 +173,4 @@ def test_inputs_that_require_grad_are_scored():
 def test_bad_half_gemm_setting_is_refused(monkeypatch):
     monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "fastest")
     x, w = inputs(dtype=torch.bfloat16)
-    expect_error(r"DELTAKERN_CPU_HALF_GEMM must be auto, native or float32, got 'fastest'", x, w)
+    expect_error(r"DELTAKERN_CPU_HALF_GEMM must be auto, mkl, avx512_bf16 or float32, got 'fastest'", x, w)

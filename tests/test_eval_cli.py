@@ -190,11 +190,11 @@ def test_eval_non_default_settings_against_the_float64_oracle(tmp_path, files, d
 
 
 def test_eval_matmul_precision_reaches_the_scores(tmp_path, files, monkeypatch):
-    """--matmul-precision medium with the bfloat16 GEMM forced (DELTAKERN_CPU_HALF_GEMM=native)
+    """--matmul-precision medium with the bfloat16 GEMM forced (DELTAKERN_CPU_HALF_GEMM=mkl)
     scores with bf16 products: other thresholds than highest's, and the setting is recorded."""
     if "cpp" not in dk.available_backends("cpu"):
         pytest.skip("needs the compiled CPU op")
-    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "native")
+    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "mkl")
     docs = {}
     for precision in ("highest", "medium"):
         out = tmp_path / precision

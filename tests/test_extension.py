@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from _half_gemms import half_gemms
 
 import deltakern as dk
 from deltakern.ops import extension as _ext
@@ -132,11 +133,12 @@ def test_env_command_reports_extension_and_backends():
 # ----------------------------------------------------------------------------- the op against float64
 # The op's state (top-c logits, their classes, outside log-sum-exp) on every GEMM path, compared
 # with the float64 oracle at the contract's tolerance (docs/conventions.md §3): float32 rows as
-# given with the scale in the epilogue, half inputs through the native half GEMM (forced with
-# DELTAKERN_CPU_HALF_GEMM=native; MKL runs it on any x86 CPU) and through the float32 conversion,
-# float64, and the rows whose norms are outside the GEMM's safe range.
+# given with the scale in the epilogue, half inputs through every half GEMM this machine runs
+# (forced with DELTAKERN_CPU_HALF_GEMM: MKL's mixed GEMM, which MKL runs on any x86 CPU, the
+# AVX512-BF16 kernel where the CPU has it, and the float32 conversion), float64, and the rows
+# whose norms are outside the GEMM's safe range.
 
-HALF_MODES = ["native", "float32"]
+HALF_MODES = half_gemms()
 OP_SHAPES = [(n, k, d) for n in (1, 7, 257) for k in (1, 3, 1001) for d in (3, 65, 512)]
 
 

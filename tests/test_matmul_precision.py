@@ -1,8 +1,9 @@
 """``matmul_precision`` (docs/conventions.md §3.4) on CPU: "highest" is the float32 path bit for
 bit; "high"/"medium" multiply float32 inputs in bfloat16 where the CPU has native bf16 (forced
-here with DELTAKERN_CPU_HALF_GEMM=native, which MKL also runs without the instructions) within
-the Cauchy–Schwarz bound of bf16 rounding, and stay on the exact float32 GEMM elsewhere (forced
-with DELTAKERN_CPU_HALF_GEMM=float32, and what "auto" does on a CPU without native bf16). The
+here with DELTAKERN_CPU_HALF_GEMM=mkl, which MKL also runs without the instructions, and =avx512_bf16
+on CPUs with AVX512-BF16) within the Cauchy–Schwarz bound of bf16 rounding, and stay on the exact
+float32 GEMM elsewhere (forced with DELTAKERN_CPU_HALF_GEMM=float32, and what "auto" does on a CPU
+without native bf16). The
 deprecated ``allow_tf32`` maps onto it with a FutureWarning. The TF32 side is measured on a GPU
 in tests/test_triton_gpu.py."""
 
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _half_gemms import bf16_gemms
 from oracle import neglabel64, scores64
 
 import deltakern as dk
 from deltakern.ops import extension, registry
-from deltakern.runtime.devices import cpu_has_native_bf16
 
 needs_cpp = pytest.mark.skipif(
     not extension.available() or not registry.has_kernel("fused_score_neg_state", "CPU"),
@@ -40,7 +41,7 @@ def scores(X, W, N, **kwargs):
 def test_float32_gemm_where_bf16_is_not_native(monkeypatch, setting):
     X, W, N = inputs()
     want = scores(X, W, N)
-    modes = ["float32"] + ([] if cpu_has_native_bf16() else ["auto"])
+    modes = ["float32"] + (["auto"] if extension.cpu_half_gemm("bfloat16") == "float32" else [])
     for mode in modes:
         monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", mode)
         got = scores(X, W, N, matmul_precision=setting)
@@ -49,10 +50,11 @@ def test_float32_gemm_where_bf16_is_not_native(monkeypatch, setting):
 
 
 @needs_cpp
+@pytest.mark.parametrize("gemm", bf16_gemms())
 @pytest.mark.parametrize("setting", ["high", "medium"])
-def test_bf16_products_within_the_rounding_bound(monkeypatch, setting):
+def test_bf16_products_within_the_rounding_bound(monkeypatch, setting, gemm):
     X, W, N = inputs(seed=1)
-    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "native")
+    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", gemm)
     got = scores(X, W, N, matmul_precision=setting)
     highest = scores(X, W, N, matmul_precision="highest")
     want = scores64(X, W, temperature=0.01, c=2)
@@ -67,12 +69,13 @@ def test_bf16_products_within_the_rounding_bound(monkeypatch, setting):
 
 
 @needs_cpp
-def test_rows_outside_the_half_range_take_the_float32_gemm(monkeypatch):
+@pytest.mark.parametrize("gemm", bf16_gemms())
+def test_rows_outside_the_half_range_take_the_float32_gemm(monkeypatch, gemm):
     """A chunk holding a row too tiny for the bfloat16 GEMM's safe range is multiplied in float32,
     so it keeps the float32 contract (one thread: the 20 rows are one chunk)."""
     X, W, N = inputs(n=20, seed=3)
     X[4] *= 1e-12
-    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "native")
+    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", gemm)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -85,8 +88,9 @@ def test_rows_outside_the_half_range_take_the_float32_gemm(monkeypatch):
 
 
 @needs_cpp
-def test_half_and_float64_inputs_ignore_the_setting(monkeypatch):
-    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", "native")
+@pytest.mark.parametrize("gemm", bf16_gemms())
+def test_half_and_float64_inputs_ignore_the_setting(monkeypatch, gemm):
+    monkeypatch.setenv("DELTAKERN_CPU_HALF_GEMM", gemm)
     X, W, N = inputs(seed=2)
     for dtype in (torch.bfloat16, torch.float64):
         x, w, n = X.to(dtype), W.to(dtype), N.to(dtype)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _half_gemms import half_gemms
 from oracle import assert_close_contract, logits64
 
 from deltakern.ops import extension, registry
@@ -17,7 +18,7 @@ needs_ext = pytest.mark.skipif(
     not extension.available() or not registry.has_kernel("fused_score_neg_state", "CPU"),
     reason="the extension has no fused_score_neg_state CPU kernel",
 )
-HALF_GEMMS = ("native", "float32")  # DELTAKERN_CPU_HALF_GEMM: both half-precision paths
+HALF_GEMMS = half_gemms()  # DELTAKERN_CPU_HALF_GEMM: every half-precision path this machine runs
 
 
 def inputs(n, k, m, d, seed, dtype=torch.float32):

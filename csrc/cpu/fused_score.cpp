@@ -13,14 +13,15 @@
 //   float32: at::mm (MKL sgemm) on x as given and the unit-norm float32 W.
 //   float64 (either input): the same in float64.
 //   bfloat16/float16 (both inputs, same dtype): on a CPU with native half-precision matrix
-//     instructions (AMX, AVX512-BF16/FP16), MKL's mixed GEMM (half inputs, float32 accumulation
-//     and output; products of half values are exact in float32). Elsewhere a chunk of x is
-//     converted to float32 in cache and multiplied by the float32 W, which is faster there.
-//     DELTAKERN_CPU_HALF_GEMM=native|float32 forces one or the other (auto by default).
+//     instructions, a GEMM with half inputs and float32 accumulation and output (products of
+//     half values are exact in float32): MKL's mixed GEMM with AMX (bf16, fp16) or AVX512-FP16,
+//     this extension's AVX512-BF16 kernel for bfloat16 without AMX (bf16_gemm_avx512.h).
+//     Elsewhere a chunk of x is converted to float32 in cache and multiplied by the float32 W,
+//     which is faster there. DELTAKERN_CPU_HALF_GEMM=auto|mkl|avx512_bf16|float32 forces one.
 //   float32 with bf16_products (matmul_precision "high"/"medium"): on a CPU with native bf16, each
 //     chunk of x is rounded to bfloat16 in cache and multiplied by a bfloat16 copy of W with the
-//     same mixed GEMM (norms still come from the float32 rows); elsewhere the float32 GEMM, which
-//     is faster there and exact.
+//     same bfloat16 GEMM (norms still come from the float32 rows); elsewhere the float32 GEMM,
+//     which is faster there and exact.
 //
 // Range safety: a dot product of rows as given can under- or overflow where the normalised one
 // would not (a row at 1e-30 times W at 1e-20). A row whose norm lies outside a wide safe range
@@ -29,7 +30,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,7 +37,6 @@
 #include <cfloat>
 #include <climits>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -45,20 +44,10 @@
 #include <string>
 #include <vector>
 
+#include "bf16_gemm_avx512.h"
+#include "half_gemm.h"
 #include "row_reduce.h"
 #include "rows.h"
-
-// MKL's mixed-precision GEMMs, exported by the MKL that x86 builds of torch link statically.
-// Declared weak so the extension also loads with a torch that has no MKL (the pointers are then
-// null and half inputs take the float32 path). Row-major = 101, no transpose = 111, transpose = 112.
-extern "C" {
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                            const void* a, int lda, const void* b, int ldb, float beta, float* c,
-                            int ldc) __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                          const void* a, int lda, const void* b, int ldb, float beta, float* c,
-                          int ldc) __attribute__((weak));
-}
 
 namespace deltakern {
 namespace cpu {
@@ -106,54 +95,27 @@ void check_arguments(const at::Tensor& x, const at::Tensor& w, double inv_temp, 
 
 // ---------------------------------------------------------------- half-precision GEMM choice
 
-using MixedGemm = decltype(&cblas_gemm_bf16bf16f32);
+// How this call multiplies: in a half dtype when both inputs have the same half dtype (or, with
+// bf16_products, both are float32 and their rows are rounded to bfloat16 in cache) and the chosen
+// GEMM takes x's layout; nullopt for the float32/float64 GEMM.
+struct HalfPlan {
+  at::ScalarType dtype;  // the dtype the GEMM multiplies in
+  HalfGemm gemm;
+};
 
-MixedGemm mixed_gemm(at::ScalarType t) {
-  if (t == at::kBFloat16) return cblas_gemm_bf16bf16f32;
-  if (t == at::kHalf) return cblas_gemm_f16f16f32;
-  return nullptr;
-}
-
-// True when the CPU multiplies this half dtype natively and ATen's capability setting allows
-// AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2 or default turns the native path off, as it does
-// for PyTorch's own kernels). Decided once per process and dtype.
-bool native_half_cpu(at::ScalarType t) {
-  static const auto probe = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto flag = [&caps](const char* name) {
-      const auto it = caps.find(name);
-      return it != caps.end() && it->second.isBool() && it->second.toBool();
-    };
-    const bool avx512 = at::get_cpu_capability() == "AVX512";
-    const bool bf16 = avx512 && (flag("amx_bf16") || flag("avx512_bf16"));
-    const bool f16 = avx512 && (flag("amx_fp16") || flag("avx512_fp16"));
-    if (flag("amx_tile") && (bf16 || f16)) at::cpu::init_amx();  // asks the OS for the AMX state
-    return std::pair<bool, bool>{bf16, f16};
-  }();
-  return t == at::kBFloat16 ? probe.first : (t == at::kHalf && probe.second);
-}
-
-// Whether this call multiplies half inputs in their own dtype: both inputs of the same half
-// dtype, MKL's mixed GEMM linked, sizes within its int arguments, rows with unit column stride,
-// and the native instructions present (or the DELTAKERN_CPU_HALF_GEMM override).
-// With bf16_products, float32 inputs may also use the bfloat16 GEMM (rounded in cache). Returns the
-// dtype the half GEMM multiplies in, or nullopt for the float32/float64 GEMM.
-std::optional<at::ScalarType> half_gemm_dtype(const at::Tensor& x, const at::Tensor& w, bool bf16_products) {
+std::optional<HalfPlan> half_gemm_plan(const at::Tensor& x, const at::Tensor& w, bool bf16_products) {
   const bool rounded = bf16_products && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat;
   const at::ScalarType t = rounded ? at::kBFloat16 : x.scalar_type();
-  if (!rounded && (t != w.scalar_type())) return std::nullopt;
-  if (mixed_gemm(t) == nullptr) return std::nullopt;
-  const char* env = std::getenv("DELTAKERN_CPU_HALF_GEMM");
-  const std::string mode = env == nullptr ? "auto" : env;
-  TORCH_CHECK(mode == "auto" || mode == "native" || mode == "float32" || mode.empty(),
-              "DELTAKERN_CPU_HALF_GEMM must be auto, native or float32, got '", mode, "'");
-  if (mode == "float32") return std::nullopt;
+  if (!rounded && (t != w.scalar_type() || (t != at::kBFloat16 && t != at::kHalf))) return std::nullopt;
+  const std::optional<HalfGemm> gemm = requested_half_gemm(t);
+  if (!gemm) return std::nullopt;
   const int64_t D = x.size(1);
-  // Rounded rows are multiplied from a contiguous buffer; half rows are read where they are.
-  const bool layout_ok = D >= 1 && D <= INT_MAX && w.size(0) <= INT_MAX &&
-                         (rounded || (x.stride(1) == 1 && x.stride(0) >= D && x.stride(0) <= INT_MAX));
-  if (layout_ok && (mode == "native" || native_half_cpu(t))) return t;
-  return std::nullopt;
+  // Rounded rows are multiplied from a contiguous buffer; half rows are read where they are, with
+  // MKL's int sizes and strides.
+  const bool mkl_sizes = D <= INT_MAX && w.size(0) <= INT_MAX && (rounded || x.stride(0) <= INT_MAX);
+  const bool layout_ok = D >= 1 && (rounded || (x.stride(1) == 1 && x.stride(0) >= D)) &&
+                         (*gemm != HalfGemm::kMkl || mkl_sizes);
+  return layout_ok ? std::optional{HalfPlan{t, *gemm}} : std::nullopt;
 }
 
 // ---------------------------------------------------------------- norms and prepared W
@@ -329,14 +291,18 @@ int64_t reduce_chunk(at::Tensor& logits, int64_t rows, int64_t start, int64_t c,
 struct ClassRows {
   const char* name;
   at::Tensor given;             // the caller's rows (detached), never written
-  at::Tensor native;            // contiguous rows for the half GEMM
+  at::Tensor native;            // contiguous half rows for MKL's mixed GEMM
+  Bf16PackedClasses packed;     // the rows in the AVX512-BF16 kernel's layout
+  HalfGemm half_gemm = HalfGemm::kMkl;
   std::vector<float> col_scale; // per row: 1/|w_k| (half GEMM with normalize)
   at::Tensor prepared;          // [rows, D] in acc, for the acc GEMM
   at::Tensor prepared_t;
 
   // Sets up the half-GEMM operand; false when a row's norm is outside the half GEMM's safe range.
-  bool setup_native(bool normalize, at::ScalarType half) {
-    native = given.to(half).contiguous();
+  bool setup_native(bool normalize, const HalfPlan& plan) {
+    half_gemm = plan.gemm;
+    if (plan.gemm == HalfGemm::kAvx512Bf16) packed = pack_bf16_classes(given.to(plan.dtype));
+    else native = given.to(plan.dtype).contiguous();
     if (!normalize) {
       TORCH_CHECK(at::isfinite(given).all().item<bool>(), "fused_score_state: ", name, " holds NaN or ±inf");
       return true;
@@ -356,18 +322,21 @@ struct ClassRows {
     prepared_t = prepared.t();
   }
 
-  // logits[rows, K] = a · prepared^T (acc GEMM) or xc · native^T in half precision (xc: the
-  // chunk's rows in native's dtype).
+  // logits[rows, K] = a · prepared^T (acc GEMM) or xc · given^T in half precision (xc: the
+  // chunk's rows in the half GEMM's dtype, unit column stride).
   void multiply(at::Tensor& logits, const at::Tensor& a, const at::Tensor& xc, bool half) const {
     if (!half) {
       at::mm_out(logits, a, prepared_t);
       return;
     }
     const int64_t rows = logits.size(0), K = logits.size(1), D = xc.size(1);
-    mixed_gemm(xc.scalar_type())(101, 111, 112, static_cast<int>(rows), static_cast<int>(K),
-                                 static_cast<int>(D), 1.0f, xc.data_ptr(), static_cast<int>(xc.stride(0)),
-                                 native.data_ptr(), static_cast<int>(D), 0.0f,
-                                 logits.data_ptr<float>(), static_cast<int>(K));
+    if (half_gemm == HalfGemm::kAvx512Bf16) {
+      bf16_gemm_avx512(packed, xc.data_ptr<at::BFloat16>(), rows, xc.stride(0), logits.data_ptr<float>(), K);
+      return;
+    }
+    mkl_mixed_gemm(xc.scalar_type(), static_cast<int>(rows), static_cast<int>(K), static_cast<int>(D),
+                   xc.data_ptr(), static_cast<int>(xc.stride(0)), native.data_ptr(), static_cast<int>(D),
+                   logits.data_ptr<float>(), static_cast<int>(K));
   }
 };
 
@@ -436,13 +405,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
   std::vector<ClassRows> classes;
   classes.push_back(ClassRows{"w", w_in.detach()});
   if (has_neg) classes.push_back(ClassRows{"negatives", w_neg_in.detach()});
-  const std::optional<at::ScalarType> half = f64 ? std::nullopt : half_gemm_dtype(x, classes[0].given, bf16_products);
+  const std::optional<HalfPlan> half = f64 ? std::nullopt : half_gemm_plan(x, classes[0].given, bf16_products);
   bool native = half.has_value();
   if (native) {
     for (auto& cls : classes) native = cls.setup_native(normalize, *half) && native;
   }
   // float32 rows rounded to bfloat16 for the half GEMM, chunk by chunk in cache.
-  const bool round_x = native && x.scalar_type() != *half;
+  const bool round_x = native && x.scalar_type() != half->dtype;
   if (!native || normalize) {
     for (auto& cls : classes) cls.prepare(acc, normalize);
   }
@@ -540,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_state(
       };
       at::Tensor x_half = xc;
       if (chunk_native && round_x) {
-        if (!x_half_buf.defined()) x_half_buf = at::empty({chunk, D}, x.options().dtype(*half));
+        if (!x_half_buf.defined()) x_half_buf = at::empty({chunk, D}, x.options().dtype(half->dtype));
         x_half = x_half_buf.narrow(0, 0, rows);
         x_half.copy_(xc);
       }

@@ -50,3 +50,19 @@ def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     mod = load()
     return bool(mod is not None and mod.built_with_cuda())
+
+
+def cpu_half_gemm(dtype: str) -> str | None:
+    """The GEMM the CPU ops multiply same-dtype ``"bfloat16"`` or ``"float16"`` inputs with on this
+    machine: ``"avx512_bf16"`` (deltakern's kernel), ``"mkl"`` (MKL's mixed GEMM) or ``"float32"``
+    (rows converted to float32 in cache). Follows ``DELTAKERN_CPU_HALF_GEMM``; None without the
+    extension."""
+    mod = load()
+    return None if mod is None else str(mod.cpu_half_gemm(dtype))
+
+
+def avx512_bf16_usable() -> bool:
+    """True when deltakern's AVX512-BF16 GEMM can run in this process (the CPU has AVX512-BF16 and
+    ``ATEN_CPU_CAPABILITY`` allows AVX-512)."""
+    mod = load()
+    return bool(mod is not None and mod.avx512_bf16_usable())

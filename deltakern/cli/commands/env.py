@@ -54,6 +54,7 @@ def collect() -> dict:
             "built_with_cuda": bool(ext and ext.built_with_cuda()),
             "built_with_openmp": bool(ext and ext.built_with_openmp()),
             "built_against_torch": ext.torch_version() if ext else None,
+            "cpu_half_gemm": _half_gemms() if ext else None,
             "ops": _ops.registered_ops(),
         },
         "cuda_available": torch.cuda.is_available(),
@@ -66,6 +67,20 @@ def collect() -> dict:
         name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else platform.processor() or "cpu"
         report["devices"][dev] = {"name": name, "auto": auto, "backends": status}
     return report
+
+
+def _half_gemms() -> dict[str, str]:
+    """Which GEMM the CPU ops use for bfloat16 and float16 inputs here (an invalid
+    DELTAKERN_CPU_HALF_GEMM is reported, not raised)."""
+    from deltakern.ops import extension as _ext
+
+    gemms = {}
+    for dtype in ("bfloat16", "float16"):
+        try:
+            gemms[dtype] = _ext.cpu_half_gemm(dtype) or "none"
+        except RuntimeError as exc:
+            gemms[dtype] = f"error: {str(exc).splitlines()[0]}"
+    return gemms
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             f"CUDA kernels: {'yes' if ext['built_with_cuda'] else 'no'}, "
             f"OpenMP: {'yes' if ext['built_with_openmp'] else 'no'})"
         )
+        gemms = ", ".join(f"{dtype} -> {gemm}" for dtype, gemm in ext["cpu_half_gemm"].items())
+        print(f"  CPU half-precision GEMM: {gemms}")
         for op, keys in ext["ops"].items():
             print(f"  deltakern::{op:<28} {', '.join(keys) or '(no kernels)'}")
     else:
