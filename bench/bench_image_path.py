@@ -187,7 +187,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
         configs = {k: v for k, v in configs.items() if k in args.only}
     resolved = {p: resolve_precision(p, torch.device("cpu")) for p in ("auto", "fp32")}
     e2e: dict[str, list[float]] = {k: [] for k in configs}
-    alone: dict[str, list[float]] = {p: [] for p in sorted(set(resolved.values()))}
+    alone: dict[str, list[float]] = {p: [] for p in sorted({resolved[c["precision"]] for c in configs.values()})}
     runs: dict[str, dict] = {}
     paired: dict[str, list[float]] = {k: [] for k in configs}
 
