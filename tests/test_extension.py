@@ -128,6 +128,10 @@ def test_env_command_reports_extension_and_backends():
     assert report["torch"] == torch.__version__
     assert report["devices"]["cpu"]["auto"] == dk.available_backends("cpu")[0 if "triton" not in dk.available_backends("cpu") else 1]
     assert report["extension"]["loaded"] == _ext.available()
+    if _ext.available():  # the half GEMM the CPU ops use here, as the extension decides it
+        want = {dtype: _ext.cpu_half_gemm(dtype) for dtype in ("bfloat16", "float16")}
+        assert report["extension"]["cpu_half_gemm"] == want
+        assert set(want.values()) <= {"avx512_bf16", "mkl", "float32"}
 
 
 # ----------------------------------------------------------------------------- the op against float64
