@@ -89,12 +89,16 @@ def _mkl_bf16_gemm() -> Callable | None:
     return gemm
 
 
+def scored_and_float64(X: torch.Tensor, W: torch.Tensor, scorer: Callable) -> tuple[dk.Scores, dk.Scores]:
+    """``scorer``'s scores of the first rows and the float64 reference's of the same input values."""
+    x = X[:CHECK_ROWS]
+    return scorer(x, W), dk.score(x.double(), W.double(), temperature=TEMPERATURE, backend="reference")
+
+
 def worst_error(X: torch.Tensor, W: torch.Tensor, scorer: Callable) -> float:
     """Worst |error| of delta_energy, energy, max_logit and msp on the first rows, as a multiple
     of the contract's bound max(tol·|e|, tol) against float64 on the same input values."""
-    x, w = X[:CHECK_ROWS], W
-    want = dk.score(x.double(), w.double(), temperature=TEMPERATURE, backend="reference")
-    got = scorer(x, w)
+    got, want = scored_and_float64(X, W, scorer)
     tol = score_tolerance(str(X.dtype).removeprefix("torch."))
     worst = 0.0
     for name in ("delta_energy", "energy", "max_logit", "msp"):
@@ -108,9 +112,7 @@ def medium_error(X: torch.Tensor, W: torch.Tensor, scorer: Callable) -> float:
     ``matmul_precision="medium"`` (docs/conventions.md §3.4): a cosine moves by at most 2u + u²
     (u = 2⁻⁸, bfloat16's unit roundoff), a logit by that over the temperature, and so does each
     log-sum-exp."""
-    x, w = X[:CHECK_ROWS], W
-    want = dk.score(x.double(), w.double(), temperature=TEMPERATURE, backend="reference")
-    got = scorer(x, w)
+    got, want = scored_and_float64(X, W, scorer)
     u = 2.0**-8
     bound = (2 * u + u * u) / TEMPERATURE
     return max(float((getattr(got, f).double() - getattr(want, f)).abs().max()) / bound for f in ("max_logit", "energy"))

@@ -9,10 +9,11 @@
 #include "bf16_gemm_avx512.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
 
 #include <algorithm>
 #include <cstring>
+
+#include "cpu_features.h"
 
 #if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 9) || \
                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
@@ -93,12 +94,7 @@ constexpr TileFn kTiles[kMaxRows][kMaxBlocks] = {
 
 bool avx512_bf16_usable() {
 #ifdef DELTAKERN_AVX512_BF16_KERNEL
-  static const bool usable = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto it = caps.find("avx512_bf16");
-    const bool bf16 = it != caps.end() && it->second.isBool() && it->second.toBool();
-    return bf16 && at::get_cpu_capability() == "AVX512";
-  }();
+  static const bool usable = cpu_flag("avx512_bf16") && aten_allows_avx512();
   return usable;
 #else
   return false;

@@ -292,15 +292,13 @@ struct ClassRows {
   const char* name;
   at::Tensor given;             // the caller's rows (detached), never written
   at::Tensor native;            // contiguous half rows for MKL's mixed GEMM
-  Bf16PackedClasses packed;     // the rows in the AVX512-BF16 kernel's layout
-  HalfGemm half_gemm = HalfGemm::kMkl;
+  Bf16PackedClasses packed;     // the rows in the AVX512-BF16 kernel's layout (that kernel's GEMM)
   std::vector<float> col_scale; // per row: 1/|w_k| (half GEMM with normalize)
   at::Tensor prepared;          // [rows, D] in acc, for the acc GEMM
   at::Tensor prepared_t;
 
   // Sets up the half-GEMM operand; false when a row's norm is outside the half GEMM's safe range.
   bool setup_native(bool normalize, const HalfPlan& plan) {
-    half_gemm = plan.gemm;
     if (plan.gemm == HalfGemm::kAvx512Bf16) packed = pack_bf16_classes(given.to(plan.dtype));
     else native = given.to(plan.dtype).contiguous();
     if (!normalize) {
@@ -330,7 +328,7 @@ struct ClassRows {
       return;
     }
     const int64_t rows = logits.size(0), K = logits.size(1), D = xc.size(1);
-    if (half_gemm == HalfGemm::kAvx512Bf16) {
+    if (packed.data.defined()) {
       bf16_gemm_avx512(packed, xc.data_ptr<at::BFloat16>(), rows, xc.stride(0), logits.data_ptr<float>(), K);
       return;
     }

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "bf16_gemm_avx512.h"
+#include "cpu_features.h"
 
 // MKL's mixed-precision GEMMs, exported by the MKL that x86 builds of torch link statically.
 // Declared weak so the extension also loads with a torch that has no MKL (the pointers are then
@@ -41,15 +42,10 @@ MixedGemm mixed_gemm(at::ScalarType t) {
 // kernels). Decided once per process.
 std::optional<HalfGemm> auto_half_gemm(at::ScalarType t) {
   static const auto probe = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto flag = [&caps](const char* name) {
-      const auto it = caps.find(name);
-      return it != caps.end() && it->second.isBool() && it->second.toBool();
-    };
-    const bool avx512 = at::get_cpu_capability() == "AVX512";
-    const bool amx_bf16 = avx512 && flag("amx_bf16");
-    const bool mkl_f16 = avx512 && (flag("amx_fp16") || flag("avx512_fp16"));
-    if (flag("amx_tile") && (amx_bf16 || mkl_f16)) at::cpu::init_amx();  // asks the OS for the AMX state
+    const bool avx512 = aten_allows_avx512();
+    const bool amx_bf16 = avx512 && cpu_flag("amx_bf16");
+    const bool mkl_f16 = avx512 && (cpu_flag("amx_fp16") || cpu_flag("avx512_fp16"));
+    if (cpu_flag("amx_tile") && (amx_bf16 || mkl_f16)) at::cpu::init_amx();  // asks the OS for the AMX state
     std::optional<HalfGemm> bf16, f16;
     if (amx_bf16 && mixed_gemm(at::kBFloat16) != nullptr) bf16 = HalfGemm::kMkl;
     else if (avx512_bf16_usable()) bf16 = HalfGemm::kAvx512Bf16;
