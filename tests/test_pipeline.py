@@ -404,6 +404,25 @@ def test_default_workers_and_threads_are_applied_and_recorded(work, tmp_path):
     assert run_cli(without_workers_flag(score_args(work, out))) == 0
 
 
+@pytest.mark.parametrize("command", ["encode", "score"])
+def test_model_commands_keep_freed_memory_before_running(work, tmp_path, command):
+    """The commands that run the encoder keep freed heap memory (deltakern.runtime.heap), and do
+    so before the run starts, so that its DataLoader workers inherit the setting too."""
+    calls: list[str] = []
+    real_run = getattr(pipeline, f"run_{command}")
+
+    def run(*args, **kwargs):
+        calls.append("run")
+        return real_run(*args, **kwargs)
+
+    out = tmp_path / ("scores.parquet" if command == "score" else "features")
+    argv = score_args(work, out) if command == "score" else ["encode", *common(work), "--images", str(work.images), "--out", str(out)]
+    with mock.patch("deltakern.runtime.heap.keep_freed_memory", side_effect=lambda: calls.append("heap") or True), \
+            mock.patch(f"deltakern.pipeline.run_{command}", run):  # fmt: skip
+        assert run_cli(argv) == 0
+    assert calls == ["heap", "run"]
+
+
 @pytest.fixture(scope="module")
 def large_jpegs(tmp_path_factory):
     """JPEGs at least twice the tiny model's 32-pixel input (so the draft reduces them) and a PNG."""

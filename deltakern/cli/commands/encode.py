@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     plain_warnings("encode")
     from deltakern.pipeline import EncodeSettings, run_encode
+    from deltakern.runtime.heap import keep_freed_memory
 
+    keep_freed_memory()  # this process runs the encoder: keep its activations' pages between batches
     settings = settings_from_args(EncodeSettings, args)
     stats = run_encode(settings, progress=not args.no_progress)
     if is_main_process():

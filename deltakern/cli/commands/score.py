@@ -80,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     plain_warnings("score")
     from deltakern.pipeline import ScoreSettings, output_paths, run_score
+    from deltakern.runtime.heap import keep_freed_memory
 
+    keep_freed_memory()  # this process runs the encoder: keep its activations' pages between batches
     settings = settings_from_args(ScoreSettings, args)
     stats = run_score(settings, progress=not args.no_progress)
     if is_main_process():
