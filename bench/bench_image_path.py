@@ -14,7 +14,10 @@ Two parts (``--part``), each a few minutes on 2 cores:
     (``min(8, cores)`` workers, torch's own threads), and ``--precision fp32`` beside ``auto``
     (``--only NAME ...`` keeps some of them).
     With ``--explore``: the new default beside other splits of the cores (1 worker and 1 thread,
-    no workers, one worker per core with 1 thread).
+    no workers, one worker per core with 1 thread). The process first keeps freed heap memory
+    as the ``deltakern score`` command does (:func:`deltakern.runtime.heap.keep_freed_memory`),
+    so runs and encoder both get it; ``--heap system`` leaves glibc's defaults (the A/B runs in
+    two processes: the setting cannot be undone).
 ``photos``
     ``--photos`` large JPEGs (2000x1500 and portrait 1500x2000, some stored rotated with an
     EXIF orientation tag): decode + preprocess images/s with and without the JPEG draft
@@ -35,6 +38,7 @@ Writes OUT/image_path_<part>.json.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import tempfile
@@ -157,6 +161,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     from deltakern.pipeline import ScoreSettings, run_score
     from deltakern.pipeline.parallelism import available_cores, choose_parallelism
     from deltakern.runtime import resolve_precision
+    from deltakern.runtime.heap import keep_freed_memory
 
     w, h = (int(v) for v in args.photo_size.split("x"))
     paths = make_photos(root / "images", args.images, (w, h), portrait_every=4)
@@ -186,6 +191,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
             raise SystemExit(f"--only: unknown configuration(s) {unknown}; choose from {sorted(configs)}")
         configs = {k: v for k, v in configs.items() if k in args.only}
     resolved = {p: resolve_precision(p, torch.device("cpu")) for p in ("auto", "fp32")}
+    heap_kept = keep_freed_memory() if args.heap == "keep" else False
     e2e: dict[str, list[float]] = {k: [] for k in configs}
     alone: dict[str, list[float]] = {p: [] for p in sorted({resolved[c["precision"]] for c in configs.values()})}
     runs: dict[str, dict] = {}
@@ -223,7 +229,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     ratio = {k: statistics.median(v) for k, v in paired.items()}
     return {
         "images": args.images, "photo_size": args.photo_size, "cores": cores, "model": args.model,
-        "batch_size": args.batch_size, "resolved_precision": resolved,
+        "batch_size": args.batch_size, "resolved_precision": resolved, "heap": args.heap, "heap_kept": heap_kept,
         "new_default": {"workers": new.workers, "torch_threads": new.torch_threads},
         "old_default": {"workers": old_workers, "torch_threads": torch.get_num_threads()},
         "e2e_images_per_s": med, "e2e_images_per_s_all": e2e,
@@ -231,6 +237,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
         "e2e_over_encoder": ratio, "e2e_over_encoder_all": paired,
         "e2e_over_encoder_of_medians": {k: med[k] / alone_med[resolved[configs[k]["precision"]]] for k in configs},
         "last_runs": runs,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # the whole bench process's peak
     }
 
 
@@ -247,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="e2e: run only these configurations (e.g. new_default_auto)")
     p.add_argument("--explore", action="store_true",
                    help="e2e: instead of old vs new default, the new default beside other worker/thread splits")
+    p.add_argument("--heap", choices=("keep", "system"), default="keep",
+                   help="e2e: keep freed heap memory as `deltakern score` does (default), or glibc's defaults")
     p.add_argument("--photos", type=int, default=48, help="photos: large JPEGs to decode (default 48)")
     p.add_argument("--out", default="out/bench", help="output directory")
     args = p.parse_args(argv)
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_json(f"{args.out}/image_path_{args.part}.json", doc, indent=2, allow_nan=False, default=str)
     keys = ("decode_images_per_s", "decode_speedup", "one_minus_cosine_mean", "cosine_draft_vs_full_fp32",
             "cosine_bf16_vs_fp32_full", "e2e_images_per_s", "encoder_alone_images_per_s", "e2e_over_encoder",
-            "new_default", "old_default", "resolved_precision")
+            "new_default", "old_default", "resolved_precision", "heap_kept")
     for k in keys:
         if k in doc:
             print(f"{k}: {doc[k]}")
