@@ -1,7 +1,7 @@
 """The CPU image path of ``deltakern score``: how close end to end comes to the encoder alone,
 and what JPEG DCT-domain downscaling (``--jpeg-draft``) buys on large photos.
 
-Two parts (``--part``), each a few minutes on 2 cores:
+Three parts (``--part``), each a few minutes on 2 cores:
 
 ``e2e``
     ``--images`` photos (``--photo-size``, default 500x375 like ImageNet's) scored by
@@ -18,6 +18,11 @@ Two parts (``--part``), each a few minutes on 2 cores:
     as the ``deltakern score`` command does (:func:`deltakern.runtime.heap.keep_freed_memory`),
     so runs and encoder both get it; ``--heap system`` leaves glibc's defaults (the A/B runs in
     two processes: the setting cannot be undone).
+``encoder``
+    The encoder alone on ``--images`` random-pixel tensors, ``auto`` precision and float32
+    interleaved over ``--repeats``: images/s and, per pass, the process's minor page faults and
+    user and kernel CPU seconds, and its peak RSS, so that ``--heap keep`` and ``--heap system``
+    can be compared (one process each).
 ``photos``
     ``--photos`` large JPEGs (2000x1500 and portrait 1500x2000, some stored rotated with an
     EXIF orientation tag): decode + preprocess images/s with and without the JPEG draft
@@ -31,6 +36,7 @@ keep some of the fine detail of real photos), saved as quality-90 JPEGs.
 
     python bench/bench_image_path.py --part e2e [--images 512] [--model ViT-B-32] [--batch-size 64]
     python bench/bench_image_path.py --part photos [--photos 48]
+    python bench/bench_image_path.py --part encoder [--heap system]
 
 Writes OUT/image_path_<part>.json.
 """
@@ -51,6 +57,7 @@ import torch
 from deltakern import bench as bm
 from deltakern.data.atomic import write_json
 from deltakern.pipeline.parallelism import torch_threads
+from deltakern.runtime.heap import keep_freed_memory
 
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry")
 
@@ -156,12 +163,41 @@ def part_photos(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
+def part_encoder(args: argparse.Namespace, root: Path) -> dict:  # noqa: ARG001 - no files
+    from deltakern.pipeline.engine import model_input_side
+    from deltakern.pipeline.parallelism import available_cores
+    from deltakern.runtime import resolve_precision
+
+    clip = load(args.model)
+    side = model_input_side(clip)
+    pixels = torch.randn(args.images, 3, side, side, generator=torch.Generator().manual_seed(0))
+    precisions = sorted({resolve_precision(p, torch.device("cpu")) for p in ("auto", "fp32")})
+    rows: dict[str, dict[str, list[float]]] = {p: {"images_per_s": [], "minor_faults": [], "user_s": [], "kernel_s": []}
+                                               for p in precisions}
+    with torch_threads(available_cores()):
+        for p in precisions:
+            encode_all(clip, pixels[: args.batch_size], args.batch_size, p)  # warm-up
+        for _ in range(args.repeats):
+            for p in precisions:
+                before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                encode_all(clip, pixels, args.batch_size, p)
+                seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+                rows[p]["images_per_s"].append(args.images / seconds)
+                rows[p]["minor_faults"].append(after.ru_minflt - before.ru_minflt)
+                rows[p]["user_s"].append(after.ru_utime - before.ru_utime)
+                rows[p]["kernel_s"].append(after.ru_stime - before.ru_stime)
+    return {
+        "images": args.images, "model": args.model, "batch_size": args.batch_size, "torch_threads": available_cores(),
+        "encoder": {p: {**{f"median_{k}": statistics.median(v) for k, v in r.items()}, "all": r} for p, r in rows.items()},
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     from deltakern.data.images import DecodeDataset, ImageItem
     from deltakern.pipeline import ScoreSettings, run_score
     from deltakern.pipeline.parallelism import available_cores, choose_parallelism
     from deltakern.runtime import resolve_precision
-    from deltakern.runtime.heap import keep_freed_memory
 
     w, h = (int(v) for v in args.photo_size.split("x"))
     paths = make_photos(root / "images", args.images, (w, h), portrait_every=4)
@@ -191,7 +227,6 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
             raise SystemExit(f"--only: unknown configuration(s) {unknown}; choose from {sorted(configs)}")
         configs = {k: v for k, v in configs.items() if k in args.only}
     resolved = {p: resolve_precision(p, torch.device("cpu")) for p in ("auto", "fp32")}
-    heap_kept = keep_freed_memory() if args.heap == "keep" else False
     e2e: dict[str, list[float]] = {k: [] for k in configs}
     alone: dict[str, list[float]] = {p: [] for p in sorted({resolved[c["precision"]] for c in configs.values()})}
     runs: dict[str, dict] = {}
@@ -229,7 +264,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     ratio = {k: statistics.median(v) for k, v in paired.items()}
     return {
         "images": args.images, "photo_size": args.photo_size, "cores": cores, "model": args.model,
-        "batch_size": args.batch_size, "resolved_precision": resolved, "heap": args.heap, "heap_kept": heap_kept,
+        "batch_size": args.batch_size, "resolved_precision": resolved,
         "new_default": {"workers": new.workers, "torch_threads": new.torch_threads},
         "old_default": {"workers": old_workers, "torch_threads": torch.get_num_threads()},
         "e2e_images_per_s": med, "e2e_images_per_s_all": e2e,
@@ -243,11 +278,11 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("e2e", "photos"), required=True, help="which measurement (see above)")
+    p.add_argument("--part", choices=("e2e", "photos", "encoder"), required=True, help="which measurement (see above)")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture, random weights (default ViT-B-32)")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; medians are reported (default 2)")
-    p.add_argument("--images", type=int, default=512, help="e2e: images to score (default 512)")
+    p.add_argument("--images", type=int, default=512, help="e2e, encoder: images to score or encode (default 512)")
     p.add_argument("--photo-size", default="500x375", help="e2e: WIDTHxHEIGHT of the photos (default 500x375)")
     p.add_argument("--classes", type=int, default=100, help="e2e: class names (default 100)")
     p.add_argument("--only", nargs="+", metavar="NAME",
@@ -255,21 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explore", action="store_true",
                    help="e2e: instead of old vs new default, the new default beside other worker/thread splits")
     p.add_argument("--heap", choices=("keep", "system"), default="keep",
-                   help="e2e: keep freed heap memory as `deltakern score` does (default), or glibc's defaults")
+                   help="e2e, encoder: keep freed heap memory as `deltakern score` does (default), or glibc's defaults")
     p.add_argument("--photos", type=int, default=48, help="photos: large JPEGs to decode (default 48)")
     p.add_argument("--out", default="out/bench", help="output directory")
     args = p.parse_args(argv)
+    # Before anything is allocated, as the command does at start-up (the photos part decodes only).
+    heap_kept = args.part != "photos" and args.heap == "keep" and keep_freed_memory()
+    part = {"e2e": part_e2e, "photos": part_photos, "encoder": part_encoder}[args.part]
     with tempfile.TemporaryDirectory(prefix="deltakern-bench-image-path-") as tmp:
-        result = (part_e2e if args.part == "e2e" else part_photos)(args, Path(tmp))
+        result = part(args, Path(tmp))
     doc = {
-        "benchmark": f"image path ({args.part})", "device": "cpu", "device_name": bm.device_name("cpu"), **result,
+        "benchmark": f"image path ({args.part})", "device": "cpu", "device_name": bm.device_name("cpu"),
+        **({} if args.part == "photos" else {"heap": args.heap, "heap_kept": heap_kept}), **result,
         "command": " ".join(["python", "bench/bench_image_path.py"] + (argv if argv is not None else sys.argv[1:])),
         **bm.environment(),
     }
     path = write_json(f"{args.out}/image_path_{args.part}.json", doc, indent=2, allow_nan=False, default=str)
     keys = ("decode_images_per_s", "decode_speedup", "one_minus_cosine_mean", "cosine_draft_vs_full_fp32",
             "cosine_bf16_vs_fp32_full", "e2e_images_per_s", "encoder_alone_images_per_s", "e2e_over_encoder",
-            "new_default", "old_default", "resolved_precision", "heap_kept")
+            "new_default", "old_default", "resolved_precision", "heap_kept", "encoder", "max_rss_mb")
     for k in keys:
         if k in doc:
             print(f"{k}: {doc[k]}")

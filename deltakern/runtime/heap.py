@@ -1,21 +1,22 @@
-"""Keep freed memory in the process's C heap for the length of a CPU run.
+"""Keep freed C-heap memory mapped in a process that runs the image encoder.
 
 PyTorch allocates CPU tensors with ``malloc``. glibc serves every block above its mmap threshold
 (128 KiB, rising to at most 32 MiB as blocks are freed) with a fresh ``mmap`` and returns it to
 the kernel on ``free``, and trims the heap's free top above 128 KiB. An encoder's activations are
 megabytes each and are freed after every layer, so each batch faults all of them in again page by
-page: a process encoding 2,560 images with ViT-B-32 at batch 64 (bf16 autocast, 2-core Zen 4)
+page: a process encoding 1,536 images with ViT-B-32 at batch 64 (bf16 autocast, 2-core Zen 4)
 took 15 million page faults and 34 seconds in the kernel beside 122 in user code, and encoded
 20-21 images/s. Serving large blocks from the heap and keeping its free top lets later batches
 reuse the pages already mapped: 0.4 million faults, 1.6 seconds in the kernel, 26.5 images/s
 (bench/RESULTS.md has the measurements).
 
 The price is that the process keeps its peak heap until it exits instead of returning the
-activations' pages between batches, which is what a caching allocator does anyway (that run's
-peak resident memory: 2.02 GB against 1.93 GB). The setting is
-process-wide and cannot be undone, so the library never applies it on its own: the ``deltakern``
-commands that run a model call :func:`keep_freed_memory` once at start-up, and a program that
-embeds the library may call it too. ``DELTAKERN_KEEP_FREED_MEMORY=0`` turns it off.
+activations' pages between batches, which is what a caching allocator does anyway (peak resident
+memory 5-28% higher in the benchmarks). The setting is process-wide and cannot be
+undone, so the library never applies it on its own: ``deltakern score`` and ``deltakern encode``
+call :func:`keep_freed_memory` once at start-up, and a program that embeds the pipeline may call
+it too. ``deltakern train`` does not (prompt tuning gained without cached image features and
+lost with them). ``DELTAKERN_KEEP_FREED_MEMORY=0`` turns it off.
 """
 
 from __future__ import annotations
