@@ -15,6 +15,7 @@ from _half_gemms import half_gemms
 import deltakern as dk
 from deltakern.ops import extension as _ext
 from deltakern.ops import registry as _ops
+from deltakern.runtime.heap import keep_freed_memory_status
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.unavailable_reason()}")
 
@@ -128,6 +129,7 @@ def test_env_command_reports_extension_and_backends():
     assert report["torch"] == torch.__version__
     assert report["devices"]["cpu"]["auto"] == dk.available_backends("cpu")[0 if "triton" not in dk.available_backends("cpu") else 1]
     assert report["extension"]["loaded"] == _ext.available()
+    assert report["score_encode_heap"] == keep_freed_memory_status()  # what score and encode do with the heap
     if _ext.available():  # the half GEMM the CPU ops use here, as the extension decides it
         want = {dtype: _ext.cpu_half_gemm(dtype) for dtype in ("bfloat16", "float16")}
         assert report["extension"]["cpu_half_gemm"] == want

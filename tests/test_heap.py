@@ -70,3 +70,12 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
     monkeypatch.delenv(heap.KEEP_FREED_MEMORY_ENV, raising=False)
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # e.g. musl
     assert heap.keep_freed_memory() is False
+
+
+def test_status_says_what_the_commands_do(monkeypatch):
+    monkeypatch.delenv(heap.KEEP_FREED_MEMORY_ENV, raising=False)
+    assert heap.keep_freed_memory_status() == ("on (glibc mallopt)" if GLIBC else "not applied (the C library is not glibc)")
+    monkeypatch.setenv(heap.KEEP_FREED_MEMORY_ENV, "0")
+    assert heap.keep_freed_memory_status() == f"off ({heap.KEEP_FREED_MEMORY_ENV}=0)"
+    monkeypatch.setenv(heap.KEEP_FREED_MEMORY_ENV, "maybe")
+    assert heap.keep_freed_memory_status().startswith(f"error: {heap.KEEP_FREED_MEMORY_ENV} must be 0 or 1")

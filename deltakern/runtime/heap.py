@@ -46,6 +46,22 @@ def keep_freed_memory_enabled() -> bool:
     return raw == "1"
 
 
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def keep_freed_memory_status() -> str:
+    """What :func:`keep_freed_memory` does in this environment, in words (``deltakern env``
+    shows it); never raises: an invalid ``$DELTAKERN_KEEP_FREED_MEMORY`` is reported."""
+    try:
+        enabled = keep_freed_memory_enabled()
+    except InvalidArgument as exc:
+        return f"error: {exc}"
+    if not enabled:
+        return f"off ({KEEP_FREED_MEMORY_ENV}=0)"
+    return "on (glibc mallopt)" if _glibc() else "not applied (the C library is not glibc)"
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's ``malloc`` serve blocks up to 1 GiB from the heap and keep freed heap memory
     mapped, for the rest of the process (see the module docstring for why and what it costs).
@@ -54,7 +70,7 @@ def keep_freed_memory() -> bool:
     library is not glibc (musl, macOS and Windows have other allocators and are left as they are).
     Safe to call more than once. DataLoader workers forked afterwards inherit the setting.
     """
-    if not keep_freed_memory_enabled() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not keep_freed_memory_enabled() or not _glibc():
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the process's own C library, the one torch allocates from
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

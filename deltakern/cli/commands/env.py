@@ -33,6 +33,7 @@ def collect() -> dict:
     from deltakern._version import __version__
     from deltakern.ops import extension as _ext
     from deltakern.ops import registry as _ops
+    from deltakern.runtime.heap import keep_freed_memory_status
     from deltakern.scoring import backend_status, resolve_backend
 
     ext = _ext.load()
@@ -48,6 +49,7 @@ def collect() -> dict:
         "faiss": _version("faiss-gpu") or _version("faiss-cpu"),
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "score_encode_heap": keep_freed_memory_status(),  # deltakern.runtime.heap, applied by score/encode
         "extension": {
             "loaded": ext is not None,
             "reason": _ext.unavailable_reason(),
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("torch", "torch_cuda", "triton", "open_clip_torch", "numpy", "faiss"):
         print(f"  {key:<16} {report[key] or 'not installed'}")
     print(f"  {'cpu':<16} {report['cpu_threads']} threads, {report['cpu_capability']}")
+    print(f"  {'freed heap kept':<16} {report['score_encode_heap']} (by deltakern score and encode)")
     if ext["loaded"]:
         print(
             f"extension deltakern._C: loaded (built against torch {ext['built_against_torch']}, "
