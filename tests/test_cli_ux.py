@@ -176,3 +176,17 @@ def test_readme_parquet_example_runs_on_a_scored_folder(tmp_path, monkeypatch, c
     assert [r["id"] for r in rows] and sorted(r["id"] for r in rows) == ["0.png", "1.png", "2.png"]
     assert [r["delta_energy"] for r in rows] == sorted(r["delta_energy"] for r in rows)
     assert {r["pred_name"] for r in rows} <= {"cat", "dog"}
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    # `deltakern env | head -1`: the reader is gone. Made deterministic by closing the pipe's
+    # read end before the command starts, so its first write (or final flush) fails.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "deltakern.cli", "env"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import re
 import sys
 
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         # nearest of its options) is what helps.
         _unknown_arguments(_subparser(parser, args.command) or parser, unknown)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here when the output was short
+        return code
     except DeltakernError as exc:
         # A caller's mistake: one clear line naming the flag, not a traceback.
         message = str(exc)
@@ -102,3 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"argument {flag}: " if flag else ""
         print(f"deltakern {args.command}: error: {where}{message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`deltakern env | head`): stop quietly as Unix tools do. Point
+        # stdout at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
