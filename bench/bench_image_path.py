@@ -121,6 +121,18 @@ def encode_all(clip, tensors: torch.Tensor, batch_size: int, precision: str) -> 
     return torch.nn.functional.normalize(torch.cat(out), dim=1)
 
 
+def encode_pass(clip, tensors: torch.Tensor, batch_size: int, precision: str) -> dict[str, float]:
+    """One timed :func:`encode_all` pass: images/s and the process's minor page faults and user and
+    kernel CPU seconds over it."""
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    encode_all(clip, tensors, batch_size, precision)
+    seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "images_per_s": len(tensors) / seconds, "minor_faults": after.ru_minflt - before.ru_minflt,
+        "user_s": after.ru_utime - before.ru_utime, "kernel_s": after.ru_stime - before.ru_stime,
+    }
+
+
 def part_photos(args: argparse.Namespace, root: Path) -> dict:
     from deltakern.data.images import DecodeDataset, ImageItem
     from deltakern.pipeline.engine import model_input_side
@@ -179,13 +191,8 @@ def part_encoder(args: argparse.Namespace, root: Path) -> dict:  # noqa: ARG001 
             encode_all(clip, pixels[: args.batch_size], args.batch_size, p)  # warm-up
         for _ in range(args.repeats):
             for p in precisions:
-                before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-                encode_all(clip, pixels, args.batch_size, p)
-                seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-                rows[p]["images_per_s"].append(args.images / seconds)
-                rows[p]["minor_faults"].append(after.ru_minflt - before.ru_minflt)
-                rows[p]["user_s"].append(after.ru_utime - before.ru_utime)
-                rows[p]["kernel_s"].append(after.ru_stime - before.ru_stime)
+                for key, value in encode_pass(clip, pixels, args.batch_size, p).items():
+                    rows[p][key].append(value)
     return {
         "images": args.images, "model": args.model, "batch_size": args.batch_size, "torch_threads": available_cores(),
         "encoder": {p: {**{f"median_{k}": statistics.median(v) for k, v in r.items()}, "all": r} for p, r in rows.items()},
@@ -235,9 +242,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     def encoder_alone(precision: str) -> float:
         with torch_threads(new.torch_threads):
             encode_all(clip, pre[: args.batch_size], args.batch_size, precision)  # warm-up
-            t0 = time.perf_counter()
-            encode_all(clip, pre, args.batch_size, precision)
-            return len(pre) / (time.perf_counter() - t0)
+            return encode_pass(clip, pre, args.batch_size, precision)["images_per_s"]
 
     for rep in range(args.repeats):
         for name, cfg in configs.items():

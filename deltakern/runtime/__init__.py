@@ -1,5 +1,6 @@
-"""How a process runs: device and precision resolution, torchrun ranks, section timing.
-Shared by the pipeline and prompt tuning; depends on ``deltakern.core`` only."""
+"""How a process runs: device and precision resolution, torchrun ranks, section timing, and
+(``runtime.heap``) keeping freed C-heap memory in a process that runs the encoder. Shared by the
+pipeline, prompt tuning and the commands; depends on ``deltakern.core`` only."""
 
 from deltakern.runtime.devices import (
     Runtime,
