@@ -17,14 +17,14 @@ from deltakern.runtime import heap
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 BLOCK_PAGES = (64 << 20) // 4096  # a 64 MiB tensor: above glibc's largest automatic mmap threshold (32 MiB)
 
-# Allocates and frees a 64 MiB tensor eight times, printing whether the setting applied and the
+# Allocates and frees a 64 MiB tensor twelve times, printing whether the setting applied and the
 # minor page faults of each round.
 PROBE = """
 import resource, torch
 from deltakern.runtime.heap import keep_freed_memory
 applied = keep_freed_memory()
 faults = []
-for _ in range(8):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block = torch.ones(16 << 20)  # written, so every page is touched
     del block
@@ -46,9 +46,10 @@ def probe(setting: str | None) -> tuple[bool, list[int]]:
 def test_kept_memory_is_not_faulted_in_again():
     applied, faults = probe(None)  # on by default
     assert applied
-    # The heap grows for the first round and, depending on where small blocks landed around it,
-    # once more in the second or third; from then on the block is reused, pages and all.
-    assert all(f < BLOCK_PAGES // 20 for f in faults[3:]), faults
+    # The heap grows for the first round and, depending on where small blocks land around the
+    # freed block, again in one or two of the next three (seen up to round 4 in 20 runs of the
+    # probe); from then on the block is reused, pages and all.
+    assert all(f < BLOCK_PAGES // 20 for f in faults[6:]), faults
 
 
 @pytest.mark.skipif(not GLIBC, reason="the setting exists only for glibc's malloc")
