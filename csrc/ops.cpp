@@ -52,4 +52,14 @@ TORCH_LIBRARY(deltakern, m) {
       "Tensor target, Tensor lse, Tensor lse_other, Tensor edited, Tensor keep, float inv_temp, "
       "float reset, bool ce_edited, bool normalize, bool needs_x, bool needs_w) "
       "-> (Tensor, Tensor)");
+
+  // CLIP's image preprocessing of one uint8 [H, W, 3] RGB image in one pass (csrc/cpu/image_resample.cpp):
+  // resize to (height, width) with PIL's "bicubic" or "bilinear" resampling (its vertical pass
+  // first when vertical_first, as the caller's Pillow orders them), crop
+  // [top, top + crop_height) x [left, left + crop_width), then (v / 255 - mean) / std per channel.
+  // Returns float32 [3, crop_height, crop_width], bit for bit torchvision's Resize, CenterCrop,
+  // ToTensor and Normalize on the PIL image. CPU only; checks its own arguments.
+  m.def(
+      "resample_crop_normalize(Tensor image, int height, int width, int top, int left, int crop_height, "
+      "int crop_width, str filter, bool vertical_first, float[] mean, float[] std) -> Tensor");
 }

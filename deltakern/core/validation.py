@@ -169,6 +169,17 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # type: ignore[return-value]
 
 
+def env_switch(variable: str) -> bool:
+    """Whether the on/off environment variable ``variable`` is on: unset, empty or ``1`` is on,
+    ``0`` off; any other value is an error naming the variable."""
+    import os
+
+    raw = os.environ.get(variable, "").strip() or "1"
+    if raw not in ("0", "1"):
+        raise InvalidArgument(f"{variable} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
 def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidArgumentType(f"{name} must be a bool, got {type(value).__name__}")

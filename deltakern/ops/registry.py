@@ -6,6 +6,8 @@ has loaded, what ``torch.library`` needs on the Python side:
 
 - fake (meta) kernels for shape propagation (``torch.compile``, ``opcheck``),
 - the autograd formula of ``ebm_loss_forward`` (its backward is ``ebm_loss_backward``),
+- the image preprocessing op's fake kernel (``resample_crop_normalize``, used by
+  ``deltakern.clip.preprocess``),
 
 and the thin call wrappers the public functions use, so no other module touches
 ``torch.ops.deltakern`` or the dispatcher directly. The Triton op
@@ -24,6 +26,7 @@ from deltakern.core.dtypes import accumulation_dtype
 from deltakern.ops import extension
 
 _LOSS_OPS = ("deltakern::ebm_loss_forward", "deltakern::ebm_loss_backward")
+_PREPROCESS_OP = "deltakern::resample_crop_normalize"
 _DISPATCH_KEYS = ("CPU", "CUDA", "Meta", "Autograd", "AutogradCPU", "AutogradCUDA")
 _lock = threading.Lock()
 _registered: bool | None = None  # None: not tried yet
@@ -51,6 +54,8 @@ def _register_all() -> bool:
     # An extension built before the loss ops existed still serves scoring.
     if all(op in names for op in _LOSS_OPS):
         _register_loss_ops()
+    if _PREPROCESS_OP in names:
+        _register_preprocess_op()
     return True
 
 
@@ -122,6 +127,13 @@ def _register_loss_ops() -> None:
     torch.library.register_autograd("deltakern::ebm_loss_forward", _backward, setup_context=_setup_context)
 
 
+def _register_preprocess_op() -> None:
+    @torch.library.register_fake(_PREPROCESS_OP)
+    def _resample_crop_normalize_fake(image, height, width, top, left, crop_height, crop_width, filter, vertical_first,
+                                      mean, std):
+        return image.new_empty((3, crop_height, crop_width), dtype=torch.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """True when ``deltakern::op_name`` has a kernel for the dispatch key (e.g. "CPU").
@@ -191,3 +203,18 @@ def ebm_loss_parts(
         x, w, labels, inv_temp, reset, mask_count, target_pred, ce_edited, normalize
     )
     return out[0], out[1]
+
+
+def resample_crop_normalize(
+    image: torch.Tensor, size: tuple[int, int], crop: tuple[int, int, int, int], *, filter: str, vertical_first: bool,
+    mean: list[float], std: list[float],
+) -> torch.Tensor:
+    """Call the compiled ``deltakern::resample_crop_normalize`` op: the uint8 ``[H, W, 3]`` image
+    resized to ``size`` = (height, width) with PIL's ``filter`` ("bicubic" or "bilinear"; its
+    vertical pass first when ``vertical_first``), cropped to ``crop`` = (top, left, height, width)
+    and normalised, as float32 ``[3, crop height, crop width]``."""
+    ensure_registered()
+    top, left, crop_height, crop_width = crop
+    return torch.ops.deltakern.resample_crop_normalize(
+        image, size[0], size[1], top, left, crop_height, crop_width, filter, vertical_first, mean, std
+    )

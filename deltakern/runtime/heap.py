@@ -22,10 +22,10 @@ lost with them). ``DELTAKERN_KEEP_FREED_MEMORY=0`` turns it off.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 
 from deltakern.core.errors import InvalidArgument
+from deltakern.core.validation import env_switch
 
 KEEP_FREED_MEMORY_ENV = "DELTAKERN_KEEP_FREED_MEMORY"
 
@@ -40,10 +40,7 @@ TRIM_THRESHOLD_BYTES = (1 << 31) - 1
 
 def keep_freed_memory_enabled() -> bool:
     """Whether ``$DELTAKERN_KEEP_FREED_MEMORY`` allows the setting (unset, empty, ``1``: yes; ``0``: no)."""
-    raw = os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip() or "1"
-    if raw not in ("0", "1"):
-        raise InvalidArgument(f"{KEEP_FREED_MEMORY_ENV} must be 0 or 1, got {raw!r}")
-    return raw == "1"
+    return env_switch(KEEP_FREED_MEMORY_ENV)
 
 
 def _glibc() -> bool:
