@@ -1,7 +1,7 @@
 """The CPU image path of ``deltakern score``: how close end to end comes to the encoder alone,
 and what JPEG DCT-domain downscaling (``--jpeg-draft``) buys on large photos.
 
-Three parts (``--part``), each a few minutes on 2 cores:
+Four parts (``--part``), each a few minutes on 2 cores:
 
 ``e2e``
     ``--images`` photos (``--photo-size``, default 500x375 like ImageNet's) scored by
@@ -23,6 +23,12 @@ Three parts (``--part``), each a few minutes on 2 cores:
     interleaved over ``--repeats``: images/s and, per pass, the process's minor page faults and
     user and kernel CPU seconds, and its peak RSS, so that ``--heap keep`` and ``--heap system``
     can be compared (one process each).
+``preprocess``
+    One DataLoader worker's CPU time per image (one thread) on ``--images`` photos of
+    ``--photo-size``: decoding alone, decoding plus the model's transform (PIL resize, crop,
+    ToTensor, Normalize), and decoding plus the one-pass transform
+    (:func:`deltakern.clip.preprocess.one_pass_transform`), interleaved over ``--repeats``, with
+    the count of images whose tensors differ between the two transforms (must be 0).
 ``photos``
     ``--photos`` large JPEGs (2000x1500 and portrait 1500x2000, some stored rotated with an
     EXIF orientation tag): decode + preprocess images/s with and without the JPEG draft
@@ -37,6 +43,8 @@ keep some of the fine detail of real photos), saved as quality-90 JPEGs.
     python bench/bench_image_path.py --part e2e [--images 512] [--model ViT-B-32] [--batch-size 64]
     python bench/bench_image_path.py --part photos [--photos 48]
     python bench/bench_image_path.py --part encoder [--heap system]
+    python bench/bench_image_path.py --part preprocess [--images 512]
+    python bench/bench_image_path.py --part e2e --transform model   # the A/B of the one-pass transform
 
 Writes OUT/image_path_<part>.json.
 """
@@ -44,6 +52,7 @@ Writes OUT/image_path_<part>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -55,6 +64,7 @@ from pathlib import Path
 import torch
 
 from deltakern import bench as bm
+from deltakern.clip.preprocess import ONE_PASS_ENV
 from deltakern.data.atomic import write_json
 from deltakern.pipeline.parallelism import torch_threads
 from deltakern.runtime.heap import keep_freed_memory
@@ -200,6 +210,42 @@ def part_encoder(args: argparse.Namespace, root: Path) -> dict:  # noqa: ARG001 
     }
 
 
+def part_preprocess(args: argparse.Namespace, root: Path) -> dict:
+    from deltakern.clip.preprocess import OnePassTransform, one_pass_transform
+    from deltakern.data.images import decode_image
+
+    w, h = (int(v) for v in args.photo_size.split("x"))
+    paths = make_photos(root / "images", args.images, (w, h), portrait_every=4)
+    blobs = [p.read_bytes() for p in paths]
+    clip = load(args.model)
+    one_pass = one_pass_transform(clip.preprocess)
+    if not isinstance(one_pass, OnePassTransform):
+        raise SystemExit(f"the one-pass transform does not apply here: {one_pass!r}")
+    steps = {
+        "decode": lambda blob: decode_image(blob),
+        "decode+model_transform": lambda blob: clip.preprocess(decode_image(blob)),
+        "decode+one_pass": lambda blob: one_pass(decode_image(blob)),
+    }
+    ms: dict[str, list[float]] = {k: [] for k in steps}
+    with torch_threads(1):  # one DataLoader worker's view
+        for _ in range(args.repeats):
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                for blob in blobs:
+                    step(blob)
+                ms[name].append((time.perf_counter() - t0) / len(blobs) * 1e3)
+        differ = sum(not torch.equal(one_pass(img), clip.preprocess(img)) for img in map(decode_image, blobs))
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    return {
+        "images": len(paths), "photo_size": f"{args.photo_size} (every 4th portrait)", "model": args.model,
+        "pass_order": one_pass.pass_order, "ms_per_image": med, "ms_per_image_all": ms,
+        "transform_ms_per_image": {"model": med["decode+model_transform"] - med["decode"],
+                                   "one_pass": med["decode+one_pass"] - med["decode"]},
+        "worker_speedup": med["decode+model_transform"] / med["decode+one_pass"],
+        "images_with_different_tensors": differ,
+    }
+
+
 def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     from deltakern.data.images import DecodeDataset, ImageItem
     from deltakern.pipeline import ScoreSettings, run_score
@@ -283,7 +329,8 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("e2e", "photos", "encoder"), required=True, help="which measurement (see above)")
+    p.add_argument("--part", choices=("e2e", "photos", "encoder", "preprocess"), required=True,
+                   help="which measurement (see above)")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture, random weights (default ViT-B-32)")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; medians are reported (default 2)")
@@ -296,24 +343,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="e2e: instead of old vs new default, the new default beside other worker/thread splits")
     p.add_argument("--heap", choices=("keep", "system"), default="keep",
                    help="e2e, encoder: keep freed heap memory as `deltakern score` does (default), or glibc's defaults")
+    p.add_argument("--transform", choices=("one-pass", "model"), default="one-pass",
+                   help="e2e: the decode workers' transform: the one-pass op when it applies (default, as "
+                        "`deltakern score`), or the model's own (DELTAKERN_ONE_PASS_PREPROCESS=0)")
     p.add_argument("--photos", type=int, default=48, help="photos: large JPEGs to decode (default 48)")
     p.add_argument("--out", default="out/bench", help="output directory")
     args = p.parse_args(argv)
     # Before anything is allocated, as the command does at start-up (the photos part decodes only).
     heap_kept = args.part != "photos" and args.heap == "keep" and keep_freed_memory()
-    part = {"e2e": part_e2e, "photos": part_photos, "encoder": part_encoder}[args.part]
+    if args.transform == "model":
+        os.environ[ONE_PASS_ENV] = "0"
+    part = {"e2e": part_e2e, "photos": part_photos, "encoder": part_encoder, "preprocess": part_preprocess}[args.part]
     with tempfile.TemporaryDirectory(prefix="deltakern-bench-image-path-") as tmp:
         result = part(args, Path(tmp))
     doc = {
         "benchmark": f"image path ({args.part})", "device": "cpu", "device_name": bm.device_name("cpu"),
-        **({} if args.part == "photos" else {"heap": args.heap, "heap_kept": heap_kept}), **result,
+        **({} if args.part == "photos" else {"heap": args.heap, "heap_kept": heap_kept}),
+        **({"transform": args.transform} if args.part == "e2e" else {}), **result,
         "command": " ".join(["python", "bench/bench_image_path.py"] + (argv if argv is not None else sys.argv[1:])),
         **bm.environment(),
     }
     path = write_json(f"{args.out}/image_path_{args.part}.json", doc, indent=2, allow_nan=False, default=str)
     keys = ("decode_images_per_s", "decode_speedup", "one_minus_cosine_mean", "cosine_draft_vs_full_fp32",
             "cosine_bf16_vs_fp32_full", "e2e_images_per_s", "encoder_alone_images_per_s", "e2e_over_encoder",
-            "new_default", "old_default", "resolved_precision", "heap_kept", "encoder", "max_rss_mb")
+            "new_default", "old_default", "resolved_precision", "heap_kept", "encoder", "max_rss_mb", "ms_per_image",
+            "transform_ms_per_image", "worker_speedup", "images_with_different_tensors")
     for k in keys:
         if k in doc:
             print(f"{k}: {doc[k]}")

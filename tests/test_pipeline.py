@@ -501,3 +501,26 @@ def test_device_decoding_path_gives_the_cpu_path_embeddings(work):
     assert ids_dev == ids_cpu == work.ids and errors_dev == errors_cpu
     cos = torch.nn.functional.cosine_similarity(X_dev, X_cpu, dim=1)
     assert cos.min() > 0.999, cos.min()
+
+
+def test_the_one_pass_transform_runs_and_changes_no_embedding(work, monkeypatch):
+    # deltakern.clip.preprocess: the workers' transform is the one-pass op when it reproduces the
+    # model's transform; the embeddings are the same bits as with the model's own transform.
+    from deltakern.clip import preprocess
+    from deltakern.ops import registry
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_model(TINY_MODEL, "none")
+    assert isinstance(preprocess.one_pass_transform(clip.preprocess), preprocess.OnePassTransform)
+    calls = []
+    op = registry.resample_crop_normalize
+    monkeypatch.setattr(registry, "resample_crop_normalize", lambda *a, **k: calls.append(1) or op(*a, **k))
+    with torch.inference_mode():
+        X_fast, ids_fast, errors_fast = embed(clip, work)
+        used = len(calls)
+        monkeypatch.setenv(preprocess.ONE_PASS_ENV, "0")
+        X_model, ids_model, errors_model = embed(clip, work)
+    assert used >= len(work.ids) - len(errors_fast) and len(calls) == used
+    assert ids_fast == ids_model and errors_fast == errors_model
+    assert torch.equal(X_fast, X_model)

@@ -88,13 +88,16 @@ def embed_shards(
     One DataLoader spans all shards, so workers keep prefetching across shard boundaries; no
     batch spans two shards. Images that fail to decode are reported in ``errors``. With
     ``jpeg_draft`` large JPEGs are decoded at a reduced scale that keeps both sides at least
-    the model's input side (:func:`deltakern.data.images.request_jpeg_draft`). With
+    the model's input side (:func:`deltakern.data.images.request_jpeg_draft`). The model's
+    transform runs as :func:`deltakern.clip.preprocess.one_pass_transform` makes it (the same
+    tensors, bit for bit). With
     ``gpu_decode`` the workers only read JPEG files and this process decodes them in batches on
     ``rt.device`` (:mod:`deltakern.data.gpu_jpeg`); other formats stay on the workers.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from deltakern.clip.preprocess import one_pass_transform
     from deltakern.data.images import DecodeDataset, collate_decoded, shard_batches
 
     if not shards:
@@ -102,19 +105,20 @@ def embed_shards(
     items_per_shard = [s.list_items() for s in shards]
     flat = [item for items in items_per_shard for item in items]
     draft_size = model_input_side(clip) if jpeg_draft else None
+    preprocess = one_pass_transform(clip.preprocess)  # the same tensors, a fraction of the worker's CPU
     finish_on_device: Callable[[Any], Any] | None = None
     if gpu_decode:
         from deltakern.data import gpu_jpeg
 
-        dataset: DecodeDataset = gpu_jpeg.JpegPassthroughDataset(flat, clip.preprocess, exif_transpose=exif_transpose,
+        dataset: DecodeDataset = gpu_jpeg.JpegPassthroughDataset(flat, preprocess, exif_transpose=exif_transpose,
                                                                  draft_size=draft_size)
         collate: Callable = gpu_jpeg.collate_passthrough
         tensor_preprocess = gpu_jpeg.TensorPreprocess.from_config(clip.model.visual.preprocess_cfg)
 
         def finish_on_device(batch: Any) -> Any:
-            return gpu_jpeg.finish_batch(batch, rt.device, tensor_preprocess, clip.preprocess, exif_transpose=exif_transpose)
+            return gpu_jpeg.finish_batch(batch, rt.device, tensor_preprocess, preprocess, exif_transpose=exif_transpose)
     else:
-        dataset, collate = DecodeDataset(flat, clip.preprocess, exif_transpose=exif_transpose, draft_size=draft_size), collate_decoded
+        dataset, collate = DecodeDataset(flat, preprocess, exif_transpose=exif_transpose, draft_size=draft_size), collate_decoded
     loader = DataLoader(
         dataset,
         batch_sampler=shard_batches([len(items) for items in items_per_shard], batch_size),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from deltakern._version import __version__
+from deltakern.clip.preprocess import one_pass_transform
 from deltakern.core.errors import InvalidArgument
 from deltakern.core.validation import check_int_range
 from deltakern.data.rundir import output_lock
@@ -85,7 +86,7 @@ def _training_loader(run_config: TrainConfig, clip: Any, samples, rt: Runtime, p
     """``(sampler, loader)`` over cached features or augmented images, sharded by rank."""
     if run_config.cache_image_features:
         features = encode_images(
-            clip.model, samples, clip.preprocess, device=rt.device, batch_size=max(run_config.batch_size, 64),
+            clip.model, samples, one_pass_transform(clip.preprocess), device=rt.device, batch_size=max(run_config.batch_size, 64),
             workers=run_config.workers, precision=rt.precision, progress=progress, runtime=rt,
         )
         labels = torch.tensor([label for _, label in samples])

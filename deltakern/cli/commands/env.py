@@ -31,6 +31,7 @@ def collect() -> dict:
     import torch
 
     from deltakern._version import __version__
+    from deltakern.clip.preprocess import one_pass_status
     from deltakern.ops import extension as _ext
     from deltakern.ops import registry as _ops
     from deltakern.runtime.heap import keep_freed_memory_status
@@ -50,6 +51,7 @@ def collect() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "score_encode_heap": keep_freed_memory_status(),  # deltakern.runtime.heap, applied by score/encode
+        "image_preprocess": one_pass_status(),  # deltakern.clip.preprocess, used by score/encode/train
         "extension": {
             "loaded": ext is not None,
             "reason": _ext.unavailable_reason(),
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {key:<16} {report[key] or 'not installed'}")
     print(f"  {'cpu':<16} {report['cpu_threads']} threads, {report['cpu_capability']}")
     print(f"  {'freed heap kept':<16} {report['score_encode_heap']} (by deltakern score and encode)")
+    print(f"  {'image transform':<16} {report['image_preprocess']}")
     if ext["loaded"]:
         print(
             f"extension deltakern._C: loaded (built against torch {ext['built_against_torch']}, "
