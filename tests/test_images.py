@@ -414,3 +414,19 @@ def test_jpeg_is_complete_needs_an_end_marker_after_the_last_scan():
         # Cut anywhere from the first scan on (inside a scan or between two): incomplete.
         for cut in range(scans[0] + 2, len(full) - 1, 7):
             assert not gpu_jpeg.jpeg_is_complete(full[:cut]), (progressive, cut, len(full))
+
+
+def _collated_in_shared_memory(samples):
+    """collate_decoded as a DataLoader worker runs it; reports whether its batch is in shared memory."""
+    batch = data.collate_decoded(samples)
+    return batch.images.is_shared(), batch.images.clone()
+
+
+def test_a_worker_stacks_the_batch_straight_into_shared_memory():
+    # Otherwise the worker stacks the batch and then copies it into shared memory to send it.
+    samples = [(i, torch.full((3, 4, 5), float(i)), None, 0.0) for i in range(3)]
+    loader = torch.utils.data.DataLoader([samples], batch_size=None, num_workers=1, collate_fn=_collated_in_shared_memory)
+    shared, images = next(iter(loader))
+    assert shared
+    assert torch.equal(images, torch.stack([s[1] for s in samples]))
+    assert not data.collate_decoded(samples).images.is_shared()  # in the main process: a plain stack

@@ -455,7 +455,9 @@ def collate_decoded(samples: list[tuple[int, torch.Tensor | None, str | None, fl
     ok = [s for s in samples if s[1] is not None]
     return DecodedBatch(
         positions=torch.tensor([s[0] for s in ok], dtype=torch.int64),
-        images=torch.stack([s[1] for s in ok]) if ok else None,  # type: ignore[misc]
+        # default_collate stacks straight into shared memory in a worker (torch.stack would need
+        # a second copy of the batch there when it is sent to the main process).
+        images=torch.utils.data.default_collate([s[1] for s in ok]) if ok else None,
         failed=[(s[0], s[2]) for s in samples if s[1] is None],  # type: ignore[misc]
         decode_s=sum(s[3] for s in samples),
     )
