@@ -3,7 +3,7 @@ on every image shape, both of PIL's pass orders, the fallbacks, the opt-out, and
 
 The reference is the model's transform itself (torchvision on a PIL image): the op reproduces
 PIL's integer resampling exactly, so the comparison is torch.equal, not a tolerance
-(docs/conventions.md §3.6).
+(docs/conventions.md §3.5).
 """
 
 from __future__ import annotations
