@@ -11,8 +11,9 @@ Four parts (``--part``), each a few minutes on 2 cores:
     ratio reported is the median over ``--repeats`` of each run's rate over its neighbouring
     encoder rate (on a virtual machine the rate drifts by 10-20% within minutes). Configurations,
     interleaved: the new default decode workers / torch threads, the old default
-    (``min(8, cores)`` workers, torch's own threads), and ``--precision fp32`` beside ``auto``
-    (``--only NAME ...`` keeps some of them).
+    (``min(8, cores)`` workers, torch's own threads), ``--precision fp32`` beside ``auto``, and
+    the workers running the model's own transform instead of the one-pass op
+    (``model_transform_auto``); ``--only NAME ...`` keeps some of them.
     With ``--explore``: the new default beside other splits of the cores (1 worker and 1 thread,
     no workers, one worker per core with 1 thread). The process first keeps freed heap memory
     as the ``deltakern score`` command does (:func:`deltakern.runtime.heap.keep_freed_memory`),
@@ -44,7 +45,6 @@ keep some of the fine detail of real photos), saved as quality-90 JPEGs.
     python bench/bench_image_path.py --part photos [--photos 48]
     python bench/bench_image_path.py --part encoder [--heap system]
     python bench/bench_image_path.py --part preprocess [--images 512]
-    python bench/bench_image_path.py --part e2e --transform model   # the A/B of the one-pass transform
 
 Writes OUT/image_path_<part>.json.
 """
@@ -52,6 +52,7 @@ Writes OUT/image_path_<part>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -246,6 +248,20 @@ def part_preprocess(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """``$name`` set to ``value`` for the block, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     from deltakern.data.images import DecodeDataset, ImageItem
     from deltakern.pipeline import ScoreSettings, run_score
@@ -266,6 +282,8 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
         "new_default_auto": {"workers": None, "precision": "auto"},
         "old_default_auto": {"workers": old_workers, "precision": "auto"},
         "new_default_fp32": {"workers": None, "precision": "fp32"},
+        # the decode workers running the model's own transform instead of the one-pass op
+        "model_transform_auto": {"workers": None, "precision": "auto", "model_transform": True},
     }
     if args.explore:  # other splits of the cores, to check the rule's choice
         configs = {
@@ -298,7 +316,8 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
             alone[resolved[cfg["precision"]]].append(reference)
             cfg = dict(cfg)
             threads = cfg.pop("threads", None)  # with an explicit workers count the run leaves threads alone
-            with warnings.catch_warnings(), torch_threads(threads):
+            one_pass = "0" if cfg.pop("model_transform", False) else "1"
+            with warnings.catch_warnings(), torch_threads(threads), environment(ONE_PASS_ENV, one_pass):
                 warnings.simplefilter("ignore")
                 settings = ScoreSettings(
                     out=str(root / f"{name}-{rep}" / "scores.parquet"), model=args.model, pretrained="none",
@@ -343,23 +362,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="e2e: instead of old vs new default, the new default beside other worker/thread splits")
     p.add_argument("--heap", choices=("keep", "system"), default="keep",
                    help="e2e, encoder: keep freed heap memory as `deltakern score` does (default), or glibc's defaults")
-    p.add_argument("--transform", choices=("one-pass", "model"), default="one-pass",
-                   help="e2e: the decode workers' transform: the one-pass op when it applies (default, as "
-                        "`deltakern score`), or the model's own (DELTAKERN_ONE_PASS_PREPROCESS=0)")
     p.add_argument("--photos", type=int, default=48, help="photos: large JPEGs to decode (default 48)")
     p.add_argument("--out", default="out/bench", help="output directory")
     args = p.parse_args(argv)
     # Before anything is allocated, as the command does at start-up (the photos part decodes only).
     heap_kept = args.part != "photos" and args.heap == "keep" and keep_freed_memory()
-    if args.transform == "model":
-        os.environ[ONE_PASS_ENV] = "0"
     part = {"e2e": part_e2e, "photos": part_photos, "encoder": part_encoder, "preprocess": part_preprocess}[args.part]
     with tempfile.TemporaryDirectory(prefix="deltakern-bench-image-path-") as tmp:
         result = part(args, Path(tmp))
     doc = {
         "benchmark": f"image path ({args.part})", "device": "cpu", "device_name": bm.device_name("cpu"),
         **({} if args.part == "photos" else {"heap": args.heap, "heap_kept": heap_kept}),
-        **({"transform": args.transform} if args.part == "e2e" else {}), **result,
+        **result,
         "command": " ".join(["python", "bench/bench_image_path.py"] + (argv if argv is not None else sys.argv[1:])),
         **bm.environment(),
     }
