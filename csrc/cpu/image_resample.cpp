@@ -4,17 +4,19 @@
 // Why it exists: on a CPU run the DataLoader worker shares the cores with the image encoder,
 // and PIL's resize of a 500x375 photo costs about twice its JPEG decode (it resamples every
 // column of the resized image, 4 bytes per pixel, then ToTensor and Normalize make two more
-// passes). This op resamples only the pixels the crop keeps, 3 bytes per pixel, with the vertical
-// pass vectorised, and writes the normalised float32 planes directly.
+// passes). This op resamples only the pixels the crop keeps, 3 bytes per pixel, with both passes
+// vectorised for AVX2, and writes the normalised float32 planes directly.
 //
 // Bit-exactness: PIL resamples in two passes, each rounding to 8 bits, so their order matters:
 // Pillow up to 12 always ran the horizontal pass first, Pillow 13 runs the vertical one first
 // when the height shrinks by more than twice as many pixels as the width. The caller passes
-// the order (vertical_first) its Pillow uses. Coefficients are computed in double exactly as PIL's Resample.c does (same filter
-// formulas, same evaluation order, normalised to sum 1, then to fixed point with 22 fraction
-// bits), sums start at half an output step and are clipped to 0..255 after an arithmetic shift.
-// A pass is skipped when its size does not change, as in PIL. The coefficient arithmetic lives
-// in functions compiled for baseline x86-64 (no FMA contraction can change a double). ToTensor
+// the order (vertical_first) its Pillow uses. Coefficients are computed in double exactly as
+// PIL's Resample.c does (same filter formulas, same evaluation order, normalised to sum 1, then
+// to fixed point with 22 fraction bits), sums start at half an output step and are clipped to
+// 0..255 after an arithmetic shift. A pass is skipped when its size does not change, as in PIL.
+// The coefficient arithmetic is compiled for baseline x86-64, which has no FMA, so no contraction
+// can change a double; on other architectures the caller's probe (deltakern/clip/preprocess.py)
+// would see any difference and keep torchvision's transform. ToTensor
 // divides by 255 in float32 and Normalize subtracts the float32 mean and divides by the float32
 // std; the 256-entry table per channel below does the same three float32 operations.
 #include <ATen/ATen.h>
@@ -31,9 +33,6 @@
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #include <immintrin.h>
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define DK_RESAMPLE_AVX2 1
 #else
 #define DK_RESAMPLE_AVX2 0
@@ -44,11 +43,11 @@ namespace cpu {
 namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;
+constexpr int32_t kHalf = 1 << (kPrecisionBits - 1);
 
 // The AVX2 passes run where the float kernels run AVX2 or better, so ATEN_CPU_CAPABILITY=default
 // forces the portable code here too (row_reduce.h).
 bool use_avx2() { return std::string(kernel_isa()) != "default"; }
-constexpr int32_t kHalf = 1 << (kPrecisionBits - 1);
 
 double bicubic_filter(double x) {
   const double a = -0.5;  // PIL's (and torchvision's) bicubic constant

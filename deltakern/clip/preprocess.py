@@ -15,8 +15,8 @@ shrinks by more than twice as many pixels as the width; earlier versions always 
 horizontal one). When built, the one-pass transform runs both itself and the model's transform on
 probe images that tell the orders apart and picks the order that matches every probe; when none
 does (another Pillow, another resampling), the compiled op is unavailable, or
-``DELTAKERN_ONE_PASS_PREPROCESS=0``, the model's own transform is used. Images the op does not cover (not RGB, smaller than the crop) always go
-through the model's transform.
+``DELTAKERN_ONE_PASS_PREPROCESS=0``, the model's own transform is used. Images the op does not
+cover (not RGB, smaller than the crop) always go through the model's transform.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ONE_PASS_ENV = "DELTAKERN_ONE_PASS_PREPROCESS"
 
 # The pass orders PIL has used; probed in this order.
 PASS_ORDERS = ("pillow13", "horizontal_first")
-_FILTERS = {"bicubic": "bicubic", "bilinear": "bilinear"}
+_FILTERS = ("bicubic", "bilinear")  # torchvision's InterpolationMode values the op reproduces
 _MAX_SIDE = 1 << 24  # the op's limit on a side (PIL's images are far smaller in practice)
 
 
@@ -63,8 +63,8 @@ class OnePassTransform:
     """Resize, center crop, ToTensor and Normalize of a PIL image in one compiled call.
 
     ``size`` is the ``Resize`` size (one value: the short side; two: height and width), ``crop``
-    the ``CenterCrop`` (height, width) or None (no crop: open_clip's "squash" resize), ``filter`` PIL's "bicubic" or "bilinear", ``pass_order``
-    one of :data:`PASS_ORDERS`. ``fallback`` (the model's transform) handles what the op does not:
+    the ``CenterCrop`` (height, width) or None (no crop: open_clip's "squash" resize), ``filter``
+    PIL's "bicubic" or "bilinear", ``pass_order`` one of :data:`PASS_ORDERS`. ``fallback`` (the model's transform) handles what the op does not:
     images that are not RGB, and resized images smaller than the crop (which torchvision pads).
     Picklable, so DataLoader workers can be spawned with it.
     """
@@ -148,34 +148,36 @@ def _recognise(transform: Any) -> dict[str, Any] | None:
     """The parameters of an open_clip-style inference Compose, or None when it is anything else."""
     from torchvision import transforms as T
 
-    steps = list(getattr(transform, "transforms", None) or []) if isinstance(transform, T.Compose) else []
-    steps = [s for s in steps if not _is_rgb_conversion(s)]
+    steps = [s for s in transform.transforms if not _is_rgb_conversion(s)] if isinstance(transform, T.Compose) else []
     if len(steps) == 3:  # no crop
         steps.insert(1, None)
     if len(steps) != 4:
         return None
     resize, crop, to_tensor, normalize = steps
     if not (
-        type(resize) is T.Resize and (crop is None or type(crop) is T.CenterCrop) and isinstance(to_tensor, T.ToTensor)
+        type(resize) is T.Resize and (crop is None or type(crop) is T.CenterCrop)
+        and (type(to_tensor) is T.ToTensor or type(to_tensor).__name__ == "MaybeToTensor")
         and type(normalize) is T.Normalize
     ):
         return None
-    if type(to_tensor) is not T.ToTensor and type(to_tensor).__name__ != "MaybeToTensor":
-        return None
-    filter_name = _FILTERS.get(getattr(resize.interpolation, "value", None))
-    size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
-    if filter_name is None or resize.max_size is not None or resize.antialias is False or len(size) not in (1, 2):
-        return None
-    crop_size = None if crop is None else [crop.size] if isinstance(crop.size, int) else list(crop.size)
+    size = _as_sizes(resize.size)
+    crop_size = None if crop is None else _as_sizes(crop.size)
     if crop_size is not None and len(crop_size) == 1:
         crop_size = crop_size * 2
     mean, std = tuple(float(v) for v in normalize.mean), tuple(float(v) for v in normalize.std)
-    if crop_size is not None and len(crop_size) != 2:
+    if (
+        getattr(resize.interpolation, "value", None) not in _FILTERS or resize.max_size is not None
+        or resize.antialias is False or len(size) not in (1, 2) or (crop_size is not None and len(crop_size) != 2)
+        or min(size + (crop_size or [])) < 1 or len(mean) != 3 or len(std) != 3 or 0.0 in std
+    ):
         return None
-    if len(mean) != 3 or len(std) != 3 or min(size + (crop_size or [])) < 1 or 0.0 in std:
-        return None
-    return {"size": tuple(int(v) for v in size), "crop": None if crop_size is None else tuple(int(v) for v in crop_size),
-            "filter": filter_name, "mean": mean, "std": std}
+    return {"size": tuple(size), "crop": None if crop_size is None else tuple(crop_size),
+            "filter": resize.interpolation.value, "mean": mean, "std": std}
+
+
+def _as_sizes(size: int | Sequence[int]) -> list[int]:
+    """A torchvision size argument (an int or a sequence) as a list of ints."""
+    return [int(size)] if isinstance(size, int) else [int(v) for v in size]
 
 
 def _is_rgb_conversion(step: Any) -> bool:
