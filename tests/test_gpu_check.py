@@ -77,14 +77,17 @@ def test_failing_steps_still_give_a_summary_and_a_failing_status(tmp_path):
 
 
 def test_a_step_past_its_limit_is_cut_and_reported(tmp_path):
-    # pip "hangs"; the budget (16 s) caps the build step, and nothing is left for the others.
+    # pip "hangs"; the budget (20 s) caps the build step, and nothing is left for the others. The
+    # step gets what the budget has left after the preflight (0-5 s on a loaded 2-core machine);
+    # a step offered under 15 s would be skipped instead.
     py = fake_python(tmp_path, 'if [[ "$*" == *pip* ]]; then sleep 600; fi; exit 0')
     began = time.monotonic()
-    proc = run(tmp_path, env={"PYTHON": py, "GPU_CHECK_BUDGET_S": "16"}, timeout=90)
+    proc = run(tmp_path, env={"PYTHON": py, "GPU_CHECK_BUDGET_S": "20"}, timeout=90)
     assert time.monotonic() - began < 60
     assert proc.returncode == 1
     summary = proc.stdout.split("gpu_check summary", 1)[1]
-    assert re.search(r"build: TIMED OUT after 1[6-9]s", summary), summary
+    cut = re.search(r"build: TIMED OUT after (\d+)s", summary)
+    assert cut and 15 <= int(cut.group(1)) <= 21, summary
     assert "score_table: SKIPPED (out of time budget)" in summary
 
 
