@@ -52,7 +52,6 @@ Writes OUT/image_path_<part>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import statistics
@@ -60,8 +59,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -248,20 +247,6 @@ def part_preprocess(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
-@contextlib.contextmanager
-def environment(name: str, value: str) -> Iterator[None]:
-    """``$name`` set to ``value`` for the block, then as it was."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
 def part_e2e(args: argparse.Namespace, root: Path) -> dict:
     from deltakern.data.images import DecodeDataset, ImageItem
     from deltakern.pipeline import ScoreSettings, run_score
@@ -317,7 +302,7 @@ def part_e2e(args: argparse.Namespace, root: Path) -> dict:
             cfg = dict(cfg)
             threads = cfg.pop("threads", None)  # with an explicit workers count the run leaves threads alone
             one_pass = "0" if cfg.pop("model_transform", False) else "1"
-            with warnings.catch_warnings(), torch_threads(threads), environment(ONE_PASS_ENV, one_pass):
+            with warnings.catch_warnings(), torch_threads(threads), mock.patch.dict(os.environ, {ONE_PASS_ENV: one_pass}):
                 warnings.simplefilter("ignore")
                 settings = ScoreSettings(
                     out=str(root / f"{name}-{rep}" / "scores.parquet"), model=args.model, pretrained="none",

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deltakern.core.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from deltakern.core.errors import InvalidArgument
 from deltakern.core.validation import env_switch
 from deltakern.ops import registry
@@ -117,7 +118,7 @@ def one_pass_status() -> str:
         return "not available (torchvision is not installed)"
     clip_224 = T.Compose([
         T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
-        T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
     ])
     try:
         chosen, reason = _choose(clip_224)

@@ -6,6 +6,9 @@ import torch
 
 #: Scoring backends accepted by ``dk.score`` (``auto`` picks one of the others).
 BACKENDS = ("auto", "triton", "cpp", "reference")
+#: The image normalisation of OpenAI's CLIP (open_clip's default): per-channel RGB mean and std.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: ΔEnergy modes (docs/conventions.md §2).
 MODES = ("separate", "joint")
 #: The largest ``c`` the Triton kernel handles (its top-c list lives in registers); larger ``c``

@@ -7,6 +7,7 @@ the argument, what was expected and what was received. Checks never modify their
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -172,8 +173,6 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 def env_switch(variable: str) -> bool:
     """Whether the on/off environment variable ``variable`` is on: unset, empty or ``1`` is on,
     ``0`` off; any other value is an error naming the variable."""
-    import os
-
     raw = os.environ.get(variable, "").strip() or "1"
     if raw not in ("0", "1"):
         raise InvalidArgument(f"{variable} must be 0 or 1, got {raw!r}")

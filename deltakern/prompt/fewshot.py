@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from deltakern.core.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from deltakern.core.errors import InputNotFound, InvalidArgument
 from deltakern.core.validation import check_int_range
 from deltakern.data.images import IMAGE_EXTENSIONS
@@ -89,8 +90,8 @@ def augment_transform(model: nn.Module) -> Callable:
 
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = cfg.get("size", getattr(model.visual, "image_size", 224))
-    mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
-    std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+    mean = cfg.get("mean", OPENAI_CLIP_MEAN)
+    std = cfg.get("std", OPENAI_CLIP_STD)
     mode = T.InterpolationMode.BILINEAR if cfg.get("interpolation") == "bilinear" else T.InterpolationMode.BICUBIC
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=mode),
